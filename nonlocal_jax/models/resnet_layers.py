@@ -1,0 +1,225 @@
+"""Building blocks shared by the 2D, video and segmentation ResNets (channels-last, N-d).
+
+Every kernel, stride and dilation is a tuple with one entry per position axis,
+so the same modules build 2D (H, W) and 3D (T, H, W) networks. Convolutions
+have no bias and are followed by a norm, as in the official code and
+PySlowFast; the stride sits on the 3x3 convolution (PySlowFast
+``STRIDE_1X1=False``, torchvision, mmseg ``style='pytorch'``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nonlocal_jax.nonlocal_block import NonLocalBlock
+
+Norm = Literal["batch_norm", "affine"]
+NORMS = ("batch_norm", "affine")
+
+# Caffe2 MSRAFill / fvcore c2_msra_fill: He normal with fan_out.
+msra_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class FrozenAffine(nnx.Module):
+  """Per-channel y = scale * x + bias: a BatchNorm folded with frozen statistics.
+
+  The official long-clip ('affine') models replace every BN by this
+  (Caffe2 ``AffineChannel``); converted frozen-BN checkpoints load into it.
+  """
+
+  def __init__(self, num_features: int, *, scale_init=nnx.initializers.ones_init(),
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.scale = nnx.Param(scale_init(rngs.params(), (num_features,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x * self.scale[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+
+
+def make_norm(num_features: int, norm: Norm, *, zero_init: bool = False, dtype=None,
+              param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
+  """BatchNorm (momentum 0.9 in Flax convention = Caffe2 0.9 = PyTorch 0.1, eps 1e-5)."""
+  if norm not in NORMS:
+    raise ValueError(f"norm={norm!r} is not supported; choose one of {NORMS}")
+  scale_init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.ones_init()
+  if norm == "affine":
+    return FrozenAffine(num_features, scale_init=scale_init, param_dtype=param_dtype, rngs=rngs)
+  return nnx.BatchNorm(num_features, momentum=0.9, epsilon=1e-5, scale_init=scale_init,
+                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+STAGE_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+def resolve_stage_depths(depth: int, stage_depths: Sequence[int] | None,
+                         nonlocal_blocks: Sequence[Sequence[int]]) -> tuple[int, ...]:
+  """Blocks per stage res2..res5 from a ResNet depth or an explicit list, checked."""
+  if stage_depths is None:
+    if depth not in STAGE_DEPTHS:
+      raise ValueError(f"depth={depth!r} is not supported; choose one of {tuple(STAGE_DEPTHS)}")
+    stage_depths = STAGE_DEPTHS[depth]
+  if len(stage_depths) != 4 or len(nonlocal_blocks) != 4:
+    raise ValueError(f"stage_depths {tuple(stage_depths)} and nonlocal_blocks "
+                     f"{tuple(nonlocal_blocks)} need one entry per stage res2..res5")
+  return tuple(stage_depths)
+
+
+def _as_tuple(value: int | Sequence[int], rank: int) -> tuple[int, ...]:
+  return (value,) * rank if isinstance(value, int) else tuple(value)
+
+
+class ConvNorm(nnx.Module):
+  """Convolution (no bias, 'same'-style symmetric padding) followed by a norm.
+
+  x: (B, *positions, C_in) -> (B, *positions / stride, C_out).
+  """
+
+  def __init__(self, in_features: int, out_features: int, kernel: Sequence[int], *,
+               stride: int | Sequence[int] = 1, dilation: int | Sequence[int] = 1,
+               norm: Norm = "batch_norm", zero_init_norm: bool = False, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kernel = tuple(kernel)
+    rank = len(kernel)
+    dilation = _as_tuple(dilation, rank)
+    padding = [((k - 1) * d // 2, (k - 1) * d // 2) for k, d in zip(kernel, dilation)]
+    self.conv = nnx.Conv(in_features, out_features, kernel, strides=_as_tuple(stride, rank),
+                         padding=padding, kernel_dilation=dilation, use_bias=False,
+                         kernel_init=msra_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm = make_norm(out_features, norm, zero_init=zero_init_norm, dtype=dtype,
+                          param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.norm(self.conv(x))
+
+
+class Bottleneck(nnx.Module):
+  """ResNet bottleneck: a (1x1, or kt x1x1 when inflated) -> b (3x3, strided) -> c (1x1) + shortcut.
+
+  Args:
+    a_kernel / b_kernel: kernels of the first two convolutions, e.g. (3, 1, 1)
+      and (1, 3, 3) for an I3D 3x1x1 block, (1, 1) and (3, 3) in 2D.
+    stride: stride of b and of the projection shortcut.
+    dilation: dilation of b (dilated segmentation backbones).
+    zero_init_residual: gamma = 0 in c's norm (Caffe2 BN_INIT_GAMMA = 0,
+      PySlowFast ZERO_INIT_FINAL_BN).
+
+  x: (B, *positions, in_features) -> (B, *positions / stride, out_features).
+  """
+
+  def __init__(self, in_features: int, inner_features: int, out_features: int, *,
+               a_kernel: Sequence[int], b_kernel: Sequence[int], stride: Sequence[int],
+               dilation: Sequence[int], norm: Norm, zero_init_residual: bool, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    ones = (1,) * len(b_kernel)
+    common = dict(norm=norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.a = ConvNorm(in_features, inner_features, a_kernel, **common)
+    self.b = ConvNorm(inner_features, inner_features, b_kernel, stride=stride, dilation=dilation,
+                      **common)
+    self.c = ConvNorm(inner_features, out_features, ones, zero_init_norm=zero_init_residual,
+                      **common)
+    needs_projection = in_features != out_features or any(s != 1 for s in stride)
+    self.shortcut = (ConvNorm(in_features, out_features, ones, stride=stride, **common)
+                     if needs_projection else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nnx.relu(self.a(x))
+    y = nnx.relu(self.b(y))
+    y = self.c(y)
+    return nnx.relu(y + (self.shortcut(x) if self.shortcut is not None else x))
+
+
+class ResStage(nnx.Module):
+  """A stage of bottlenecks with non-local blocks after chosen blocks.
+
+  Args:
+    a_kernels / b_kernels / dilations: one entry per block.
+    stride: stride of the first block.
+    nonlocal_indices: 0-based block indices after which a NonLocalBlock is
+      inserted (after the block's final ReLU, as in the official code).
+    nonlocal_options: keyword arguments of every NonLocalBlock of the stage.
+
+  x: (B, *positions, in_features) -> (B, *positions / stride, out_features).
+  """
+
+  def __init__(self, in_features: int, inner_features: int, out_features: int, *,
+               a_kernels: Sequence[Sequence[int]], b_kernels: Sequence[Sequence[int]],
+               stride: Sequence[int], dilations: Sequence[Sequence[int]],
+               nonlocal_indices: Sequence[int] = (),
+               nonlocal_options: Mapping[str, Any] | None = None, norm: Norm = "batch_norm",
+               zero_init_residual: bool = True, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    num_blocks = len(a_kernels)
+    bad = [i for i in nonlocal_indices if not 0 <= i < num_blocks]
+    if bad:
+      raise ValueError(
+          f"non-local block indices {bad} are outside this stage's blocks 0..{num_blocks - 1}")
+    blocks = []
+    for i in range(num_blocks):
+      blocks.append(Bottleneck(
+          in_features if i == 0 else out_features, inner_features, out_features,
+          a_kernel=a_kernels[i], b_kernel=b_kernels[i],
+          stride=stride if i == 0 else (1,) * len(stride), dilation=dilations[i], norm=norm,
+          zero_init_residual=zero_init_residual, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+    self.blocks = nnx.List(blocks)
+    options = dict(nonlocal_options or {})
+    options.setdefault("dtype", dtype)
+    options.setdefault("param_dtype", param_dtype)
+    self.nonlocal_blocks = nnx.Dict({
+        str(i): NonLocalBlock(out_features, rngs=rngs, **options) for i in sorted(nonlocal_indices)})
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i, block in enumerate(self.blocks):
+      x = block(x)
+      if str(i) in self.nonlocal_blocks:
+        x = self.nonlocal_blocks[str(i)](x)
+    return x
+
+
+class ClassificationHead(nnx.Module):
+  """Average pool -> dropout -> linear, optionally fully convolutional.
+
+  With ``pool_window=None`` features are averaged over all positions and the
+  head returns logits (B, num_classes) for any input size. With a window (the
+  official code: (T_res5, 7, 7) for 224 training crops) the average pool has
+  stride 1 and the linear layer is applied at every remaining location; in
+  training mode the per-location logits are averaged, in eval mode the
+  per-location softmax is averaged (official fully-convolutional test) and
+  its log is returned, so ``softmax(output)`` is that average.
+
+  x: (B, *positions, C) -> (B, num_classes).
+  """
+
+  def __init__(self, in_features: int, num_classes: int, *, dropout_rate: float,
+               pool_window: Sequence[int] | None = None, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.pool_window = None if pool_window is None else tuple(pool_window)
+    self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+    self.projection = nnx.Linear(in_features, num_classes,
+                                 kernel_init=nnx.initializers.normal(0.01), dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
+    self.deterministic = False
+
+  def set_view(self, deterministic: bool | None = None):
+    """Used by ``nnx.view``: eval mode averages probabilities instead of logits."""
+    if deterministic is not None:
+      self.deterministic = deterministic
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    position_axes = tuple(range(1, x.ndim - 1))
+    if self.pool_window is None:
+      return self.projection(self.dropout(jnp.mean(x, axis=position_axes)))
+    if len(self.pool_window) != len(position_axes) or any(
+        w > n for w, n in zip(self.pool_window, x.shape[1:-1])):
+      raise ValueError(f"head pool_window={self.pool_window} does not fit features of shape "
+                       f"{x.shape}; the input clip is too small for this model")
+    x = nnx.avg_pool(x, self.pool_window, strides=(1,) * len(position_axes), padding="VALID")
+    logits = self.projection(self.dropout(x)).astype(jnp.float32)
+    if self.deterministic:
+      probs = jax.nn.softmax(logits, axis=-1).mean(axis=position_axes)
+      return jnp.log(probs)
+    return logits.mean(axis=position_axes)
