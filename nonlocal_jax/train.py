@@ -1,0 +1,298 @@
+"""Training and evaluation loop: ``train_and_evaluate(config, workdir)``.
+
+Data flows one way: config -> input pipeline -> sharded jit step -> metrics /
+checkpoints. The model and optimizer (Flax NNX) are split into a static
+graph and a state pytree; ``train_step`` is a pure function of (state, batch)
+compiled once with ``jax.jit`` over a ``('data',)`` mesh: the batch is
+sharded, the state replicated and donated. BatchNorm statistics are computed
+over the global batch (GSPMD reduces across devices and hosts).
+"""
+
+
+import functools
+import json
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers, metrics, periodic_actions
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from nonlocal_jax import input_pipeline
+from nonlocal_jax.models import create_model
+from nonlocal_jax.tasks import Task
+
+State = Any  # nnx.State of (model, optimizer)
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """optax schedule: 'step' (x decay_factor at each of lr_steps), 'cosine', 'poly' or 'constant'.
+
+  Linear warmup from warmup_init_lr over warmup_steps comes first if set.
+  """
+  lr, steps, warmup = config.learning_rate, config.num_train_steps, config.get("warmup_steps", 0)
+  kind = config.schedule
+  if kind == "step":
+    main = optax.piecewise_constant_schedule(
+        lr, {int(s) - warmup: config.lr_decay_factor for s in config.lr_steps})
+  elif kind == "cosine":
+    main = optax.cosine_decay_schedule(lr, max(steps - warmup, 1))
+  elif kind == "poly":
+    main = optax.polynomial_schedule(lr, config.get("end_learning_rate", 0.0),
+                                     config.get("poly_power", 0.9), max(steps - warmup, 1))
+  elif kind == "constant":
+    main = optax.constant_schedule(lr)
+  else:
+    raise ValueError(f"config.schedule={kind!r} is not one of 'step', 'cosine', 'poly', 'constant'")
+  if not warmup:
+    return main
+  ramp = optax.linear_schedule(config.get("warmup_init_lr", 0.0), lr, warmup)
+  return optax.join_schedules([ramp, main], [warmup])
+
+
+def decay_mask(params: nnx.State) -> Any:
+  """True for weights that get weight decay: not norm parameters, not biases."""
+  def is_decayed(path, _):
+    names = [str(getattr(p, "key", p)) for p in path]
+    return not (names[-1] in ("bias", "scale") or any(n in ("norm", "bn") for n in names))
+  return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+  """Optional clipping, decoupled-from-BN weight decay, SGD with (Nesterov) momentum."""
+  parts = []
+  if config.get("grad_clip_norm"):
+    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  if config.weight_decay:
+    parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
+  parts.append(optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov))
+  return optax.chain(*parts)
+
+
+def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+  kwargs = dict(config.model.get("kwargs", {}))
+  if config.get("compute_dtype", "float32") != "float32":
+    kwargs["dtype"] = jnp.dtype(config.compute_dtype)
+  return create_model(config.model.name, num_classes=config.num_classes, rngs=rngs, **kwargs)
+
+
+def train_step(graphdef: nnx.GraphDef, task: Task, learning_rate_fn: optax.Schedule,
+               state: State, batch: dict) -> tuple[State, metrics.Collection]:
+  """One SGD step on a global batch. Pure: (state, batch) -> (new state, metrics)."""
+  model, optimizer = nnx.merge(graphdef, state)
+
+  def loss_fn(model):
+    outputs = model(batch["inputs"])
+    return task.loss(outputs, batch), outputs
+
+  (loss, outputs), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  learning_rate = learning_rate_fn(optimizer.step[...])
+  optimizer.update(model, grads)
+  return nnx.state((model, optimizer)), task.train_metrics(outputs, batch, loss, learning_rate)
+
+
+def combine_views(outputs: jax.Array, num_views: int, task: Task) -> jax.Array:
+  """Averages the predictions of the `num_views` consecutive views of each example.
+
+  (B * V, K) -> (B, K): log of the mean softmax (classification), logit of
+  the mean sigmoid (multi-label), as the official multi-view test does.
+  """
+  outputs = outputs.astype(jnp.float32)
+  outputs = outputs.reshape(-1, num_views, *outputs.shape[1:])
+  if task.name == "multilabel":
+    probs = jax.nn.sigmoid(outputs).mean(axis=1)
+    return jnp.log(probs) - jnp.log1p(-probs)
+  return jnp.log(jax.nn.softmax(outputs, axis=-1).mean(axis=1))
+
+
+def eval_step(graphdef: nnx.GraphDef, task: Task, num_views: int, state: State,
+              batch: dict) -> tuple[metrics.Collection, dict]:
+  """Masked metrics of one eval batch with running BN statistics and no dropout.
+
+  With `num_views` > 1, ``batch['inputs']`` is (B, V, ...): every view is
+  evaluated and the predictions are averaged per example.
+  """
+  model, _ = nnx.merge(graphdef, state)
+  model = nnx.view(model, deterministic=True, use_running_average=True)
+  inputs = batch["inputs"]
+  if num_views > 1:
+    outputs = combine_views(model(inputs.reshape(-1, *inputs.shape[2:])), num_views, task)
+  else:
+    outputs = model(inputs)
+  return task.eval_metrics(outputs, batch)
+
+
+def create_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A 1-D ('data',) mesh over `devices` (default: every device of every process).
+
+  The axis is 'Auto' (GSPMD propagates shardings from the jit in/out specs).
+  """
+  devices = jax.devices() if devices is None else devices
+  return jax.make_mesh((len(devices),), ("data",), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def create_train_state(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule,
+                       mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, State, Any]:
+  """Initialises (model, optimizer) directly into replicated global arrays.
+
+  The shapes come from ``nnx.eval_shape`` first, so nothing is allocated
+  twice. Returns (graphdef, state, state shardings).
+  """
+  tx = create_optimizer(config, learning_rate_fn)
+
+  def make():
+    model = build_model(config, nnx.Rngs(config.seed))
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
+  shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_state)
+  state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
+  return graphdef, state, shardings
+
+
+class _Preemption:
+  """Remembers a SIGTERM so the loop can save before the process is killed."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(values: dict, step: int, manager: ocp.CheckpointManager) -> None:
+  bad = {k: float(v) for k, v in values.items() if not np.isfinite(v)}
+  if bad:
+    raise FloatingPointError(
+        f"non-finite training metrics {bad} by step {step}; stopping. The last good checkpoint "
+        f"(step {manager.latest_step()}) is left untouched. Lower config.learning_rate or set "
+        "config.grad_clip_norm.")
+
+
+def parameter_norm(graphdef: nnx.GraphDef, state: State) -> float:
+  """Global L2 norm of the model parameters (a cheap fingerprint of the trained state)."""
+  model, _ = nnx.merge(graphdef, state)
+  return float(optax.global_norm(nnx.state(model, nnx.Param)))
+
+
+def evaluate(eval_fn: Callable, task: Task, state: State, builder,
+             config: ml_collections.ConfigDict, data_sharding: NamedSharding) -> dict[str, float]:
+  """Metrics over every example of the eval split exactly once."""
+  totals, collected = None, []
+  for batch in input_pipeline.eval_iterator(builder, config.eval_split,
+                                            global_batch_size=config.eval_batch_size):
+    batch_metrics, outputs = eval_fn(state, input_pipeline.to_global(batch, data_sharding))
+    totals = batch_metrics if totals is None else totals.merge(batch_metrics)
+    if outputs:
+      collected.append(jax.tree.map(np.asarray, outputs))
+  values = {**totals.compute(), **task.host_metrics(collected)}
+  return {f"eval_{k}": float(v) for k, v in values.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint) and evaluates.
+
+  Writes TensorBoard summaries and checkpoints under `workdir` and the final
+  evaluation to ``workdir/final_metrics.json``; returns those metrics.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
+
+  builder = input_pipeline.get_builder(config)
+  mesh = create_mesh()
+  data_sharding = NamedSharding(mesh, P("data"))
+  for name in ("batch_size", "eval_batch_size"):
+    if config[name] % jax.device_count():
+      raise ValueError(f"config.{name}={config[name]} is not divisible by the "
+                       f"{jax.device_count()} devices")
+
+  learning_rate_fn = create_learning_rate_fn(config)
+  graphdef, state, state_shardings = create_train_state(config, learning_rate_fn, mesh)
+  replicated = NamedSharding(mesh, P())
+  task = Task(config)
+  p_train_step = jax.jit(
+      functools.partial(train_step, graphdef, task, learning_rate_fn),
+      in_shardings=(state_shardings, data_sharding), out_shardings=(state_shardings, replicated),
+      donate_argnums=0)
+  p_eval_step = jax.jit(functools.partial(eval_step, graphdef, task, config.get("test_views", 1)),
+                        in_shardings=(state_shardings, data_sharding), out_shardings=replicated)
+
+  manager = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=config.keep_checkpoints, save_interval_steps=config.checkpoint_every_steps,
+          enable_async_checkpointing=True))
+  start_step = manager.latest_step() or 0
+  if start_step:
+    logging.info("Resuming from %s at step %d", manager.directory, start_step)
+    state = manager.restore(start_step, args=ocp.args.StandardRestore(state))
+
+  train_iter = input_pipeline.train_iterator(
+      builder, config.train_split, global_batch_size=config.batch_size, seed=config.seed,
+      start_step=start_step)
+  report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                                    writer=writer)
+  preemption = _Preemption()
+  train_metrics = None
+  step = start_step
+  try:
+    while step < config.num_train_steps:
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        with report_progress.timed("data"):
+          batch = input_pipeline.to_global(next(train_iter), data_sharding)
+        state, step_metrics = p_train_step(state, batch)
+      step += 1
+      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+      report_progress(step)
+      is_last = step == config.num_train_steps
+      # Checked before every save, so a non-finite state is never checkpointed.
+      if (step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0
+          or is_last or preemption.requested):
+        values = train_metrics.compute()
+        _check_finite(values, step, manager)
+        writer.write_scalars(step, {f"train_{k}": v for k, v in values.items()})
+        train_metrics = None
+      if (config.eval_every_steps and step % config.eval_every_steps == 0) and not is_last:
+        with report_progress.timed("eval"):
+          writer.write_scalars(step, evaluate(p_eval_step, task, state, builder, config, data_sharding))
+      if is_last or preemption.requested or step % config.checkpoint_every_steps == 0:
+        manager.save(step, args=ocp.args.StandardSave(state), force=True)
+      if preemption.requested:
+        break
+  finally:
+    manager.wait_until_finished()
+    preemption.restore()
+
+  if preemption.requested:
+    logging.warning("Stopped at step %d after SIGTERM; rerun to resume.", step)
+    return {}
+  with report_progress.timed("eval"):
+    final = evaluate(p_eval_step, task, state, builder, config, data_sharding)
+  final.update(param_norm=parameter_norm(graphdef, state), step=step)
+  writer.write_scalars(step, {k: v for k, v in final.items() if k.startswith("eval_")})
+  writer.flush()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump(final, f, indent=1)
+  logging.info("Final metrics: %s", final)
+  return final
