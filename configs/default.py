@@ -11,6 +11,8 @@ which C2D cannot model without non-local blocks.
 
 import ml_collections
 
+from nonlocal_jax.preprocessing import video
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   """`variant`: '' (C2D + NL) or 'baseline' (C2D without NL)."""
@@ -22,6 +24,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.train_split = "train"
   config.eval_split = "test"
   config.num_classes = 2
+  config.modality = "video"
+  config.input = video.default_config()  # the stored 8-frame clips as they are
+  config.cache_train = True
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "c2d_tiny" if variant == "baseline" else "c2d_nl_tiny"
@@ -31,7 +36,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.eval_batch_size = 64
   config.num_train_steps = 1000
   config.schedule = "cosine"
-  config.learning_rate = 0.1
+  config.learning_rate = 0.2
   config.warmup_steps = 50
   config.momentum = 0.9
   config.nesterov = True

@@ -1,51 +1,76 @@
 """tf.data input pipelines over TFDS, sharded per process, deterministic given seed and step.
 
 Train: this process's slice of the split (``tfds.split_for_jax_process``),
-shuffled with a fixed seed, repeated, batched to the per-process batch and
-advanced by the step a resumed run starts from, so a resumed run sees the
-same batches as an uninterrupted one. Eval: one pass in order, the last batch
-padded and masked so every example counts exactly once.
+repeated, shuffled with a fixed seed, augmented with stateless random ops
+seeded by (seed, example position), batched to the per-process batch and
+advanced by the step a resumed run starts from: a resumed run sees the same
+batches as an uninterrupted one. Eval: one pass in order; the last batch is
+padded and masked, so every example counts exactly once.
 
-Batches are numpy dicts ``{'inputs': (b, ...) float32, 'label': (b,) int32,
-'mask': (b,) bool}``; :func:`to_global` turns them into global jax arrays.
+``config.modality`` picks the preprocessing: ``'video'``
+(:mod:`~nonlocal_jax.preprocessing.video`), ``'image'`` or
+``'segmentation'``; ``config.input`` holds its settings. Batches are numpy
+dicts ``{'inputs', 'label', 'mask'}``; :func:`to_global` makes global arrays.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 
+from nonlocal_jax.data.image_folder import ImageClassFolder
 from nonlocal_jax.data.long_range_video import LongRangeVideo
+from nonlocal_jax.data.segmentation_files import Ade20k, Cityscapes19, Voc12Aug
+from nonlocal_jax.data.video_files import Charades, Kinetics, VideoClassFolder
+from nonlocal_jax.preprocessing import image as image_ops
+from nonlocal_jax.preprocessing import segmentation as segmentation_ops
+from nonlocal_jax.preprocessing import video as video_ops
 
-# Builders of ours, prepared on first use into the data dir (no download).
-LOCAL_BUILDERS = {"long_range_video": LongRangeVideo}
-
-# Kinetics normalisation of the official code (114.75 / 57.375 on 0-255 RGB).
-VIDEO_MEAN, VIDEO_STD = 0.45, 0.225
+# Builders of ours, prepared on first use into the data dir. Those that read
+# downloaded files take them from config.manual_dir.
+LOCAL_BUILDERS = {
+    "long_range_video": LongRangeVideo,
+    "kinetics": Kinetics,
+    "charades": Charades,
+    "video_class_folder": VideoClassFolder,
+    "image_class_folder": ImageClassFolder,
+    "cityscapes19": Cityscapes19,
+    "ade20k": Ade20k,
+    "voc12_aug": Voc12Aug,
+}
+_READS_FILES = (Kinetics, Charades, VideoClassFolder, ImageClassFolder, Cityscapes19, Ade20k,
+                Voc12Aug)
+MODALITIES = ("video", "image", "segmentation")
 
 
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The TFDS builder named by ``config.dataset`` ('name' or 'name/config'), in ``config.data_dir``.
+  """The TFDS builder named by ``config.dataset`` ('name' or 'name/config').
 
   Our own builders (LOCAL_BUILDERS) are prepared on first use by process 0;
-  catalog builders must already be prepared there.
+  catalog builders must already be prepared in ``config.data_dir``.
   """
   data_dir = os.path.expanduser(config.data_dir) if config.get("data_dir") else None
   name, _, builder_config = config.dataset.partition("/")
   if name in LOCAL_BUILDERS:
     cls = LOCAL_BUILDERS[name]
-    configs = [c.name for c in cls.BUILDER_CONFIGS]
-    if builder_config and builder_config not in configs:
-      raise ValueError(f"dataset {config.dataset!r}: {name} has configs {configs}")
-    builder = cls(config=builder_config or None, data_dir=data_dir)
-    if jax.process_index() == 0:
+    kwargs = {}
+    if builder_config:
+      configs = [c.name for c in cls.BUILDER_CONFIGS]
+      if builder_config not in configs:
+        raise ValueError(f"dataset {config.dataset!r}: {name} has configs {configs}")
+      kwargs["config"] = builder_config
+    if issubclass(cls, _READS_FILES):
+      kwargs["root_dir"] = config.get("manual_dir") or None
+    builder = cls(data_dir=data_dir, **kwargs)
+    if jax.process_index() == 0 and not builder.is_prepared():
       builder.download_and_prepare()
     multihost_utils.sync_global_devices(f"prepared {config.dataset}")
     return builder
@@ -61,11 +86,43 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   return builder
 
 
-def _preprocess(example: dict) -> dict:
-  video = tf.cast(example["video"], tf.float32) / 255.0
-  return {"inputs": (video - VIDEO_MEAN) / VIDEO_STD,
-          "label": tf.cast(example["label"], tf.int32),
-          "mask": tf.ones((), tf.bool)}
+def _label(example: dict) -> tf.Tensor:
+  return tf.cast(example["label"], tf.int32)
+
+
+def preprocess_fn(config: ml_collections.ConfigDict, train: bool) -> Callable[..., dict]:
+  """(example, seed) -> {'inputs', 'label', 'mask'} for the configured modality."""
+  modality, settings = config.get("modality", "video"), config.input
+  if modality not in MODALITIES:
+    raise ValueError(f"config.modality={modality!r} is not one of {MODALITIES}")
+
+  def fn(example: dict, seed: tf.Tensor) -> dict:
+    if modality == "video":
+      if train:
+        inputs = video_ops.train_clip(example, seed, settings)
+      else:
+        views = video_ops.eval_views(example, settings)
+        inputs = views[0] if video_ops.num_views(settings) == 1 else views
+      label = _label(example)
+    elif modality == "image":
+      image = example[settings.get("image_key", "image")]
+      inputs = (image_ops.train_image(image, seed, settings) if train
+                else image_ops.eval_image(image, settings))
+      label = _label(example)
+    else:
+      image, label = example["image"], example["label"][..., 0]
+      inputs, label = (segmentation_ops.train_pair(image, label, seed, settings) if train
+                       else segmentation_ops.eval_pair(image, label, settings))
+    return {"inputs": inputs, "label": label, "mask": tf.ones((), tf.bool)}
+
+  return fn
+
+
+def num_eval_views(config: ml_collections.ConfigDict) -> int:
+  """Views per evaluation example (1: the eval inputs have no views axis)."""
+  if config.get("modality", "video") != "video":
+    return 1
+  return video_ops.num_views(config.input)
 
 
 def _options() -> tf.data.Options:
@@ -82,17 +139,22 @@ def local_batch_size(global_batch_size: int) -> int:
   return global_batch_size // jax.process_count()
 
 
-def train_iterator(builder: tfds.core.DatasetBuilder, split: str, *, global_batch_size: int,
-                   seed: int, start_step: int = 0) -> Iterator[dict]:
-  """Endless shuffled per-process batches, starting at batch `start_step`."""
-  split = tfds.split_for_jax_process(split, drop_remainder=True)
-  ds = builder.as_dataset(split=split, shuffle_files=False)
-  ds = ds.with_options(_options()).cache().repeat()
-  ds = ds.shuffle(4096, seed=seed, reshuffle_each_iteration=True)
-  ds = ds.map(_preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local_batch_size(global_batch_size), drop_remainder=True)
-  ds = ds.skip(start_step).prefetch(2)
-  return ds.as_numpy_iterator()
+def train_iterator(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict, *,
+                   start_step: int = 0) -> Iterator[dict]:
+  """Endless shuffled per-process batches of ``config.batch_size // processes``, from `start_step`."""
+  split = tfds.split_for_jax_process(config.train_split, drop_remainder=True)
+  ds = builder.as_dataset(split=split, shuffle_files=False).with_options(_options())
+  if config.get("cache_train", False):
+    ds = ds.cache()
+  ds = ds.repeat().shuffle(config.get("shuffle_buffer", 4096), seed=config.seed,
+                           reshuffle_each_iteration=True)
+  preprocess = preprocess_fn(config, train=True)
+  seed = config.seed * jax.process_count() + jax.process_index()
+  ds = ds.enumerate().map(
+      lambda i, ex: preprocess(ex, tf.stack([tf.cast(seed, tf.int64), i])),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local_batch_size(config.batch_size), drop_remainder=True)
+  return ds.skip(start_step).prefetch(2).as_numpy_iterator()
 
 
 def num_eval_batches(builder: tfds.core.DatasetBuilder, split: str, global_batch_size: int) -> int:
@@ -102,24 +164,26 @@ def num_eval_batches(builder: tfds.core.DatasetBuilder, split: str, global_batch
   return -(-per_process // local_batch_size(global_batch_size))
 
 
-def eval_iterator(builder: tfds.core.DatasetBuilder, split: str, *,
-                  global_batch_size: int) -> Iterator[dict]:
+def eval_iterator(builder: tfds.core.DatasetBuilder,
+                  config: ml_collections.ConfigDict) -> Iterator[dict]:
   """One ordered pass of exactly `num_eval_batches` batches on every process.
 
   Short batches are padded, and missing batches filled, with mask=False examples.
   """
-  num_batches = num_eval_batches(builder, split, global_batch_size)
-  split = tfds.split_for_jax_process(split, drop_remainder=False)
+  num_batches = num_eval_batches(builder, config.eval_split, config.eval_batch_size)
+  split = tfds.split_for_jax_process(config.eval_split, drop_remainder=False)
   ds = builder.as_dataset(split=split, shuffle_files=False).with_options(_options())
-  ds = ds.map(_preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  batch = local_batch_size(global_batch_size)
-  examples = ds.batch(batch).as_numpy_iterator()
-  template = None
+  preprocess = preprocess_fn(config, train=False)
+  ds = ds.map(functools.partial(preprocess, seed=None), num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
+  batch = local_batch_size(config.eval_batch_size)
+  ds = ds.batch(batch)
+  empty = jax.tree.map(lambda s: np.zeros((0, *s.shape[1:]), s.dtype.as_numpy_dtype),
+                       ds.element_spec)
+  examples = ds.prefetch(2).as_numpy_iterator()
   for _ in range(num_batches):
-    current = next(examples, None)
-    if current is None:  # this process' slice is exhausted: an all-padding batch
-      current = jax.tree.map(lambda v: v[:0], template)
-    template = current
+    # Once this process' slice is exhausted: all-padding batches.
+    current = next(examples, empty)
     n = current["mask"].shape[0]
     yield {k: np.concatenate([v, np.zeros((batch - n, *v.shape[1:]), v.dtype)])
            for k, v in current.items()}

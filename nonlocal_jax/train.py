@@ -197,8 +197,7 @@ def evaluate(eval_fn: Callable, task: Task, state: State, builder,
              config: ml_collections.ConfigDict, data_sharding: NamedSharding) -> dict[str, float]:
   """Metrics over every example of the eval split exactly once."""
   totals, collected = None, []
-  for batch in input_pipeline.eval_iterator(builder, config.eval_split,
-                                            global_batch_size=config.eval_batch_size):
+  for batch in input_pipeline.eval_iterator(builder, config):
     batch_metrics, outputs = eval_fn(state, input_pipeline.to_global(batch, data_sharding))
     totals = batch_metrics if totals is None else totals.merge(batch_metrics)
     if outputs:
@@ -234,7 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       functools.partial(train_step, graphdef, task, learning_rate_fn),
       in_shardings=(state_shardings, data_sharding), out_shardings=(state_shardings, replicated),
       donate_argnums=0)
-  p_eval_step = jax.jit(functools.partial(eval_step, graphdef, task, config.get("test_views", 1)),
+  p_eval_step = jax.jit(functools.partial(eval_step, graphdef, task, input_pipeline.num_eval_views(config)),
                         in_shardings=(state_shardings, data_sharding), out_shardings=replicated)
 
   manager = ocp.CheckpointManager(
@@ -247,9 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Resuming from %s at step %d", manager.directory, start_step)
     state = manager.restore(start_step, args=ocp.args.StandardRestore(state))
 
-  train_iter = input_pipeline.train_iterator(
-      builder, config.train_split, global_batch_size=config.batch_size, seed=config.seed,
-      start_step=start_step)
+  train_iter = input_pipeline.train_iterator(builder, config, start_step=start_step)
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                     writer=writer)
   preemption = _Preemption()

@@ -59,7 +59,7 @@ def test_one_step_on_8_devices_equals_1_device(data_dir):
   assert jax.device_count() == 8, "conftest sets 8 CPU devices"
   config = small_config(data_dir)
   builder = input_pipeline.get_builder(config)
-  batch = next(input_pipeline.train_iterator(builder, "train", global_batch_size=16, seed=0))
+  batch = next(input_pipeline.train_iterator(builder, config))
   lr_fn = train.create_learning_rate_fn(config)
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
