@@ -11,6 +11,7 @@ which C2D cannot model without non-local blocks.
 
 import ml_collections
 
+from configs import common
 from nonlocal_jax.preprocessing import video
 
 
@@ -18,36 +19,22 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   """`variant`: '' (C2D + NL) or 'baseline' (C2D without NL)."""
   if variant not in ("", "nl", "baseline"):
     raise ValueError(f"unknown variant {variant!r} of configs/default.py; use '' or 'baseline'")
-  config = ml_collections.ConfigDict()
+  config = common.base_config()
   config.dataset = "long_range_video"
-  config.data_dir = "~/tensorflow_datasets"
-  config.train_split = "train"
-  config.eval_split = "test"
   config.num_classes = 2
   config.modality = "video"
   config.input = video.default_config()  # the stored 8-frame clips as they are
   config.cache_train = True
-
-  config.model = ml_collections.ConfigDict()
   config.model.name = "c2d_tiny" if variant == "baseline" else "c2d_nl_tiny"
   config.model.kwargs = ml_collections.ConfigDict({"dropout_rate": 0.0})
 
   config.batch_size = 32
   config.eval_batch_size = 64
-  config.num_train_steps = 1000
+  config.num_train_steps = 600
   config.schedule = "cosine"
   config.learning_rate = 0.2
   config.warmup_steps = 50
-  config.momentum = 0.9
-  config.nesterov = True
-  config.weight_decay = 1e-4
-  config.grad_clip_norm = 0.0
-  config.label_smoothing = 0.0
-  config.compute_dtype = "float32"
-
   config.log_every_steps = 50
-  config.eval_every_steps = 0  # only the final evaluation
-  config.checkpoint_every_steps = 500
+  config.checkpoint_every_steps = 300
   config.keep_checkpoints = 2
-  config.seed = 0
   return config

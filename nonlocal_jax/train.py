@@ -28,8 +28,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nonlocal_jax import input_pipeline
+from nonlocal_jax import checkpoints, input_pipeline
 from nonlocal_jax.models import create_model
+from nonlocal_jax.models.segmentation import slide_inference
 from nonlocal_jax.tasks import Task
 
 State = Any  # nnx.State of (model, optimizer)
@@ -63,19 +64,24 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule
 def decay_mask(params: nnx.State) -> Any:
   """True for weights that get weight decay: not norm parameters, not biases."""
   def is_decayed(path, _):
-    names = [str(getattr(p, "key", p)) for p in path]
+    names = [str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey)]
     return not (names[-1] in ("bias", "scale") or any(n in ("norm", "bn") for n in names))
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
 def create_optimizer(config: ml_collections.ConfigDict,
                      learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
-  """Optional clipping, decoupled-from-BN weight decay, SGD with (Nesterov) momentum."""
+  """Optional clipping, weight decay, SGD with (Nesterov) momentum.
+
+  Weight decay skips norm parameters and biases unless
+  ``config.decay_norm_and_bias`` (mmseg decays everything).
+  """
   parts = []
   if config.get("grad_clip_norm"):
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   if config.weight_decay:
-    parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
+    mask = None if config.get("decay_norm_and_bias", False) else decay_mask
+    parts.append(optax.add_decayed_weights(config.weight_decay, mask=mask))
   parts.append(optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov))
   return optax.chain(*parts)
 
@@ -116,21 +122,24 @@ def combine_views(outputs: jax.Array, num_views: int, task: Task) -> jax.Array:
   return jnp.log(jax.nn.softmax(outputs, axis=-1).mean(axis=1))
 
 
-def eval_step(graphdef: nnx.GraphDef, task: Task, num_views: int, state: State,
-              batch: dict) -> tuple[metrics.Collection, dict]:
-  """Masked metrics of one eval batch with running BN statistics and no dropout.
+def eval_forward_fn(config: ml_collections.ConfigDict, task: Task) -> Callable[[nnx.Module,
+                                                                               jax.Array], Any]:
+  """How the eval step applies the model: plain, multi-view averaged, or sliding windows."""
+  views = input_pipeline.num_eval_views(config)
+  if config.get("modality") == "segmentation" and config.input.get("eval_mode") == "slide":
+    crop, stride = config.input.eval_crop_size, config.input.eval_stride
+    return lambda model, x: slide_inference(model, x, crop, stride)
+  if views > 1:  # inputs (B, V, ...): every view, predictions averaged per example
+    return lambda model, x: combine_views(model(x.reshape(-1, *x.shape[2:])), views, task)
+  return lambda model, x: model(x)
 
-  With `num_views` > 1, ``batch['inputs']`` is (B, V, ...): every view is
-  evaluated and the predictions are averaged per example.
-  """
+
+def eval_step(graphdef: nnx.GraphDef, task: Task, forward: Callable, state: State,
+              batch: dict) -> tuple[metrics.Collection, dict]:
+  """Masked metrics of one eval batch with running BN statistics and no dropout."""
   model, _ = nnx.merge(graphdef, state)
   model = nnx.view(model, deterministic=True, use_running_average=True)
-  inputs = batch["inputs"]
-  if num_views > 1:
-    outputs = combine_views(model(inputs.reshape(-1, *inputs.shape[2:])), num_views, task)
-  else:
-    outputs = model(inputs)
-  return task.eval_metrics(outputs, batch)
+  return task.eval_metrics(forward(model, batch["inputs"]), batch)
 
 
 def create_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -187,6 +196,16 @@ def _check_finite(values: dict, step: int, manager: ocp.CheckpointManager) -> No
         "config.grad_clip_norm.")
 
 
+def initialize_from(graphdef: nnx.GraphDef, state: State, shardings: Any,
+                    config: ml_collections.ConfigDict) -> State:
+  """Loads ``config.init_from`` weights into the fresh model (classifier too if init_head)."""
+  model, optimizer = nnx.merge(graphdef, state)
+  fresh = checkpoints.restore_weights(model, config.init_from,
+                                      init_head=config.get("init_head", True))
+  logging.info("Initialised from %s (left at init: %s)", config.init_from, fresh)
+  return jax.device_put(nnx.state((model, optimizer)), shardings)
+
+
 def parameter_norm(graphdef: nnx.GraphDef, state: State) -> float:
   """Global L2 norm of the model parameters (a cheap fingerprint of the trained state)."""
   model, _ = nnx.merge(graphdef, state)
@@ -218,6 +237,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
 
   builder = input_pipeline.get_builder(config)
+  if not config.num_classes:  # own class folders: the classes found there
+    config = config.copy_and_resolve_references()
+    config.num_classes = builder.info.features["label"].num_classes
   mesh = create_mesh()
   data_sharding = NamedSharding(mesh, P("data"))
   for name in ("batch_size", "eval_batch_size"):
@@ -233,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       functools.partial(train_step, graphdef, task, learning_rate_fn),
       in_shardings=(state_shardings, data_sharding), out_shardings=(state_shardings, replicated),
       donate_argnums=0)
-  p_eval_step = jax.jit(functools.partial(eval_step, graphdef, task, input_pipeline.num_eval_views(config)),
+  p_eval_step = jax.jit(functools.partial(eval_step, graphdef, task, eval_forward_fn(config, task)),
                         in_shardings=(state_shardings, data_sharding), out_shardings=replicated)
 
   manager = ocp.CheckpointManager(
@@ -245,6 +267,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start_step:
     logging.info("Resuming from %s at step %d", manager.directory, start_step)
     state = manager.restore(start_step, args=ocp.args.StandardRestore(state))
+  elif config.get("init_from"):
+    state = initialize_from(graphdef, state, state_shardings, config)
 
   train_iter = input_pipeline.train_iterator(builder, config, start_step=start_step)
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,

@@ -156,3 +156,27 @@ def _upsample(x: jax.Array, size: Sequence[int]) -> jax.Array:
   """Bilinear resize with half-pixel centres (PyTorch ``align_corners=False``)."""
   shape = (x.shape[0], *size, x.shape[-1])
   return jax.image.resize(x, shape, method="bilinear", antialias=False).astype(x.dtype)
+
+
+def slide_inference(model: nnx.Module, images: jax.Array, crop_size: Sequence[int],
+                    stride: Sequence[int]) -> jax.Array:
+  """Logits of overlapping crops averaged where they overlap (mmseg ``mode='slide'``).
+
+  images (B, H, W, C) -> logits (B, H, W, K); windows are placed as mmseg
+  does (the last one flush with the border).
+  """
+  _, height, width, _ = images.shape
+  (crop_h, crop_w), (stride_h, stride_w) = crop_size, stride
+  rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
+  cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
+  total, count = None, jnp.zeros((1, height, width, 1), jnp.float32)
+  for r in range(rows):
+    for c in range(cols):
+      y2, x2 = min(r * stride_h + crop_h, height), min(c * stride_w + crop_w, width)
+      y1, x1 = max(y2 - crop_h, 0), max(x2 - crop_w, 0)
+      logits = model(images[:, y1:y2, x1:x2])[0].astype(jnp.float32)
+      if total is None:
+        total = jnp.zeros(images.shape[:3] + logits.shape[-1:], jnp.float32)
+      total = total.at[:, y1:y2, x1:x2].add(logits)
+      count = count.at[:, y1:y2, x1:x2].add(1.0)
+  return total / count

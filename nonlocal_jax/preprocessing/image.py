@@ -28,7 +28,8 @@ def train_image(image: tf.Tensor, seed: tf.Tensor, config: ml_collections.Config
   size = config.crop_size
   if config.style == "cifar":
     padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]], mode="REFLECT")
-    image = tf.image.stateless_random_crop(padded, [size, size, 3], seeds[0])
+    image = tf.image.stateless_random_crop(padded, [size, size, tf.shape(image)[-1]], seeds[0])
+    image = tf.ensure_shape(image, [size, size, None])
   else:
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seeds[0],
@@ -48,6 +49,7 @@ def eval_image(image: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor
     image = tf.image.resize(image, new_size, method="bilinear")
     offset = (tf.shape(image)[:2] - config.crop_size) // 2
     image = image[offset[0]:offset[0] + config.crop_size, offset[1]:offset[1] + config.crop_size]
+    image = tf.ensure_shape(image, [config.crop_size, config.crop_size, None])
   return normalize(image, config.style)
 
 

@@ -54,7 +54,8 @@ def train_pair(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor,
   shape = tf.shape(image)
   y = tf.random.stateless_uniform([], seeds[1], 0, shape[0] - crop_h + 1, dtype=tf.int32)
   x = tf.random.stateless_uniform([], seeds[2], 0, shape[1] - crop_w + 1, dtype=tf.int32)
-  image, label = image[y:y + crop_h, x:x + crop_w], label[y:y + crop_h, x:x + crop_w]
+  image = tf.ensure_shape(image[y:y + crop_h, x:x + crop_w], [crop_h, crop_w, 3])
+  label = tf.ensure_shape(label[y:y + crop_h, x:x + crop_w], [crop_h, crop_w])
   flip = tf.random.stateless_uniform([], seeds[3]) < 0.5
   image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
   label = tf.cond(flip, lambda: tf.reverse(label, [1]), lambda: label)
@@ -67,7 +68,8 @@ def eval_pair(image: tf.Tensor, label: tf.Tensor,
   image, label = _rescale(image, tf.cast(label, tf.int32), config.img_scale, tf.constant(1.0))
   image, label = _pad(image, label, config.eval_pad_size, config.ignore_label)
   h, w = config.eval_pad_size
-  return normalize(image)[:h, :w], label[:h, :w]
+  return (tf.ensure_shape(normalize(image)[:h, :w], [h, w, 3]),
+          tf.ensure_shape(label[:h, :w], [h, w]))
 
 
 def default_config() -> ml_collections.ConfigDict:

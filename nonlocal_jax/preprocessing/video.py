@@ -84,7 +84,7 @@ def train_clip(example: dict, seed: tf.Tensor, config: ml_collections.ConfigDict
     crop = config.crop_size
     y = tf.random.stateless_uniform([], seeds[2], 0, shape[1] - crop + 1, dtype=tf.int32)
     x = tf.random.stateless_uniform([], seeds[3], 0, shape[2] - crop + 1, dtype=tf.int32)
-    frames = frames[:, y:y + crop, x:x + crop]
+    frames = tf.ensure_shape(frames[:, y:y + crop, x:x + crop], [length, crop, crop, None])
   if config.flip:
     flip = tf.random.stateless_uniform([], seeds[4]) < 0.5
     frames = tf.cond(flip, lambda: tf.reverse(frames, axis=[2]), lambda: frames)
@@ -102,7 +102,8 @@ def _crops(frames: tf.Tensor, size: int, num_crops: int) -> list[tf.Tensor]:
     along_w = tf.cast(tf.cast(w - size, tf.float32) * fraction, tf.int32)
     y = tf.where(h > w, along_h, (h - size) // 2)
     x = tf.where(h > w, (w - size) // 2, along_w)
-    crops.append(frames[:, y:y + size, x:x + size])
+    crops.append(tf.ensure_shape(frames[:, y:y + size, x:x + size],
+                                 [frames.shape[0], size, size, None]))
   return crops
 
 

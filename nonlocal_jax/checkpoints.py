@@ -1,0 +1,121 @@
+"""Model weights on disk: what converters write, what ``config.init_from`` and notebooks load.
+
+A *weights checkpoint* is an orbax checkpoint of a model's parameters and
+BatchNorm statistics (``nnx.Param`` and ``nnx.BatchStat``), written by
+:func:`save_weights`. :func:`load_weights` also reads a training workdir
+(its latest checkpoint's model part), so a run can start from another run.
+
+    model = create_model('i3d_nl5_r50', num_classes=400, rngs=nnx.Rngs(0))
+    restore_weights(model, '/ckpt/i3d_nl5_r50')              # one call in a notebook
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+WEIGHTS = (nnx.Param, nnx.BatchStat)
+# Top-level modules that form the classifier: left at their fresh init when
+# a checkpoint is used for a different task (init_head=False).
+HEAD_MODULES = ("head", "classifier", "aux_classifier")
+
+Path = tuple[str, ...]
+
+
+def _key(path) -> Path:
+  return tuple(str(p) for p in path)
+
+
+def weights_of(model: nnx.Module) -> dict[Path, np.ndarray]:
+  """{path: array} of the model's parameters and BN statistics."""
+  return {_key(path): np.asarray(v.get_value())
+          for path, v in nnx.to_flat_state(nnx.state(model, WEIGHTS))}
+
+
+def save_weights(model_or_weights: nnx.Module | dict[Path, np.ndarray], directory: str) -> None:
+  """Writes the weights as an orbax checkpoint (the directory must not exist yet)."""
+  weights = (weights_of(model_or_weights) if isinstance(model_or_weights, nnx.Module)
+             else model_or_weights)
+  directory = os.path.abspath(os.path.expanduser(directory))
+  if os.path.exists(directory):
+    raise FileExistsError(f"{directory!r} exists; refusing to overwrite it")
+  tree: dict = {}
+  for path, value in weights.items():
+    node = tree
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+    node[path[-1]] = np.asarray(value)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory, tree)
+  checkpointer.wait_until_finished()
+
+
+def _flatten(tree, prefix: Path = ()) -> dict[Path, np.ndarray]:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, prefix + (str(k),)))
+    return out
+  if isinstance(tree, (list, tuple)):
+    return _flatten({str(i): v for i, v in enumerate(tree)}, prefix)
+  if jax.dtypes.issubdtype(getattr(tree, "dtype", np.float32), jax.dtypes.prng_key):
+    return {}  # random-stream state of a training run, not a weight
+  return {prefix: np.asarray(tree)}
+
+
+def load_weights(path: str) -> dict[Path, np.ndarray]:
+  """{path: array} from a weights checkpoint or from a training workdir's latest checkpoint."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"init_from: {path!r} does not exist")
+  checkpoints = os.path.join(path, "checkpoints")
+  if os.path.isdir(checkpoints):
+    manager = ocp.CheckpointManager(checkpoints)
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"init_from: the workdir {path!r} has no checkpoint yet")
+    state = _flatten(manager.restore(step))  # the (model, optimizer) state of a run
+    model_part = {k[1:]: v for k, v in state.items() if k[0] == "0"}
+    return {k[:-1] if k[-1] == "value" else k: v for k, v in model_part.items()
+            if "rngs" not in k}
+  return _flatten(ocp.StandardCheckpointer().restore(path))
+
+
+def restore_weights(model: nnx.Module, source: str | dict[Path, np.ndarray], *,
+                    init_head: bool = True) -> list[Path]:
+  """Loads weights into `model` in place; returns the paths left at their init.
+
+  With ``init_head=False`` the classifier (``head``, ``classifier``,
+  ``aux_classifier``) keeps its fresh init: fine-tuning on other classes.
+  Every other weight of the model must be in the source with the same shape,
+  and every weight of the source must be used (head aside); otherwise one
+  ValueError lists all the problems and the model is left unchanged.
+  """
+  weights = load_weights(source) if isinstance(source, str) else source
+  flat = dict(nnx.to_flat_state(nnx.state(model, WEIGHTS)))
+  is_head = lambda path: path[0] in HEAD_MODULES
+  problems, updates, skipped = [], {}, []
+  for path, variable in flat.items():
+    key = _key(path)
+    if not init_head and is_head(key):
+      skipped.append(key)
+      continue
+    if key not in weights:
+      problems.append(f"missing in checkpoint: {'/'.join(key)} {variable.get_value().shape}")
+    elif weights[key].shape != variable.get_value().shape:
+      problems.append(f"shape mismatch: {'/'.join(key)} model {variable.get_value().shape} vs "
+                      f"checkpoint {weights[key].shape}")
+    else:
+      updates[path] = variable.replace(np.asarray(weights[key], variable.get_value().dtype))
+  model_keys = {_key(p) for p in flat}
+  problems += [f"not in the model: {'/'.join(k)} {v.shape}" for k, v in weights.items()
+               if k not in model_keys and (init_head or not is_head(k))]
+  if problems:
+    hint = " (set init_head=False to keep a fresh classifier)" if init_head else ""
+    raise ValueError(f"{len(problems)} weights do not match{hint}:\n  " + "\n  ".join(problems))
+  nnx.update(model, nnx.from_flat_state(updates))
+  return skipped
