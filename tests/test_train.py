@@ -212,3 +212,9 @@ def test_bad_config_values_raise(tmp_path, data_dir):
     train.train_and_evaluate(small_config(data_dir, batch_size=12), str(tmp_path))
   with pytest.raises(ValueError, match="schedule='linear'"):
     train.create_learning_rate_fn(small_config(data_dir, schedule="linear"))
+
+
+def test_bfloat16_compute_trains(tmp_path, data_dir):
+  config = small_config(data_dir, num_train_steps=4, log_every_steps=2, compute_dtype="bfloat16")
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(final["eval_loss"]) and final["step"] == 4

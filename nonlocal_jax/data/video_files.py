@@ -1,0 +1,188 @@
+"""TFDS builders over video files as users download them: Kinetics, Charades, own class folders.
+
+Each example keeps the video file's bytes (decoded at training time, only the
+sampled frames, by :mod:`nonlocal_jax.data.video_decode`) with its frame
+count and frame rate, probed once while preparing:
+
+    {'video': bytes, 'num_frames': int32, 'fps': float32, 'video_id': str,
+     'label': int (single-label) or (num_classes,) int32 multi-hot (Charades)}
+
+The files are read from the builder's manual dir
+(``config.manual_dir`` -> ``tfds.download.DownloadConfig(manual_dir=...)``);
+the layouts are in each builder's MANUAL_DOWNLOAD_INSTRUCTIONS and README.
+Videos listed in an annotation file but missing on disk are skipped and
+counted in the log (Kinetics always has some).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+
+from nonlocal_jax.data import video_decode
+from nonlocal_jax.data.image_folder import class_folder_label, class_folder_splits
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
+
+
+def _video_features(label: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
+  return tfds.features.FeaturesDict({
+      "video": tfds.features.Tensor(shape=(), dtype=np.object_),
+      "num_frames": tfds.features.Scalar(dtype=np.int32),
+      "fps": tfds.features.Scalar(dtype=np.float32),
+      "video_id": tfds.features.Text(),
+      "label": label,
+  })
+
+
+def _read_video(path: str) -> dict:
+  with open(path, "rb") as f:
+    data = f.read()
+  num_frames, fps = video_decode.probe(data)
+  return {"video": data, "num_frames": num_frames, "fps": fps}
+
+
+def _find_videos(root: str) -> dict[str, str]:
+  """{file name without extension: path} for every video below `root`."""
+  found = {}
+  for directory, _, files in os.walk(root):
+    for name in files:
+      stem, ext = os.path.splitext(name)
+      if ext.lower() in VIDEO_EXTENSIONS:
+        found[stem] = os.path.join(directory, name)
+  return found
+
+
+def _require(path: str, what: str) -> str:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{what} not found at {path!r}; see the README's data layout")
+  return path
+
+
+class _VideoFilesBuilder(tfds.core.GeneratorBasedBuilder):
+  """Base: a builder over the user's files in `root_dir` (read while preparing)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+  def __init__(self, *, root_dir: str | None = None, **kwargs):
+    self.root_dir = os.path.expanduser(root_dir) if root_dir else None
+    super().__init__(**kwargs)
+
+  def _root(self) -> str:
+    if not self.root_dir:
+      raise ValueError(f"{self.name} reads your downloaded files: set config.manual_dir to "
+                       "their folder")
+    return _require(self.root_dir, f"{self.name} files")
+
+
+class VideoClassFolder(_VideoFilesBuilder):
+  """Own videos in class folders: ``<root_dir>/<split>/<class name>/<video>.mp4``.
+
+  Every sub-folder of `root_dir` is a split (e.g. train, test); the class
+  names are the sorted folder names of all splits. Use one data_dir per data
+  set of your own.
+  """
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(features=_video_features(class_folder_label(self.root_dir)),
+                                          description=self.__doc__)
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager
+    return {split: self._generate_examples(os.path.join(self.root_dir, split))
+            for split in class_folder_splits(self._root())}
+
+  def _generate_examples(self, split_dir: str) -> Iterator[tuple[str, dict]]:
+    for label in sorted(os.listdir(split_dir)):
+      for video_id, path in sorted(_find_videos(os.path.join(split_dir, label)).items()):
+        yield f"{label}/{video_id}", {**_read_video(path), "video_id": video_id, "label": label}
+
+
+class Kinetics(_VideoFilesBuilder):
+  """Kinetics-400 from its official annotation CSVs and the videos as downloaded.
+
+  ``<root_dir>/annotations/{train,validate}.csv`` (columns label, youtube_id,
+  time_start, time_end, split) and the clips anywhere below
+  ``<root_dir>/{train,val}/`` (flat or in class folders), named
+  ``<youtube_id>_<start:06d>_<end:06d>.mp4`` (the downloader's naming) or
+  ``<youtube_id>.mp4``. Splits: train, validation.
+  """
+
+  SPLIT_FILES = {"train": ("train.csv", "train"), "validation": ("validate.csv", "val")}
+
+  def _rows(self, csv_name: str) -> list[dict]:
+    path = _require(os.path.join(self._root(), "annotations", csv_name), "Kinetics annotations")
+    with open(path, newline="") as f:
+      return list(csv.DictReader(f))
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    if self.root_dir:
+      names = sorted({row["label"] for row in self._rows("train.csv")})
+      label = tfds.features.ClassLabel(names=names)
+    else:
+      label = tfds.features.ClassLabel(num_classes=400)
+    return self.dataset_info_from_configs(features=_video_features(label),
+                                          description=self.__doc__)
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager
+    return {split: self._generate_examples(csv_name, folder)
+            for split, (csv_name, folder) in self.SPLIT_FILES.items()}
+
+  def _generate_examples(self, csv_name: str, folder: str) -> Iterator[tuple[str, dict]]:
+    videos = _find_videos(_require(os.path.join(self._root(), folder), "Kinetics videos"))
+    missing = 0
+    for row in self._rows(csv_name):
+      clip_id = f"{row['youtube_id']}_{int(row['time_start']):06d}_{int(row['time_end']):06d}"
+      path = videos.get(clip_id) or videos.get(row["youtube_id"])
+      if path is None:
+        missing += 1
+        continue
+      yield clip_id, {**_read_video(path), "video_id": clip_id, "label": row["label"]}
+    logging.warning("Kinetics %s: %d videos listed in %s are missing on disk", folder, missing,
+                    csv_name)
+
+
+class Charades(_VideoFilesBuilder):
+  """Charades v1 (multi-label, 157 classes) from its official CSVs and videos.
+
+  ``<root_dir>/Charades_v1_{train,test}.csv`` (columns id, ..., actions as
+  ``c092 11.90 21.20;c147 0.00 12.60``) and the videos
+  ``<root_dir>/Charades_v1_480/<id>.mp4``. The label is the video-level
+  multi-hot vector of its actions. Splits: train, test (= the paper's val).
+  """
+
+  NUM_CLASSES = 157
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    label = tfds.features.Tensor(shape=(self.NUM_CLASSES,), dtype=np.int32)
+    return self.dataset_info_from_configs(features=_video_features(label),
+                                          description=self.__doc__)
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager
+    return {"train": self._generate_examples("Charades_v1_train.csv"),
+            "test": self._generate_examples("Charades_v1_test.csv")}
+
+  def _generate_examples(self, csv_name: str) -> Iterator[tuple[str, dict]]:
+    root = self._root()
+    videos = _find_videos(_require(os.path.join(root, "Charades_v1_480"), "Charades videos"))
+    with open(_require(os.path.join(root, csv_name), "Charades annotations"), newline="") as f:
+      rows = list(csv.DictReader(f))
+    missing = 0
+    for row in rows:
+      path = videos.get(row["id"])
+      if path is None:
+        missing += 1
+        continue
+      label = np.zeros(self.NUM_CLASSES, np.int32)
+      for action in filter(None, (row.get("actions") or "").split(";")):
+        label[int(action.split()[0][1:])] = 1
+      yield row["id"], {**_read_video(path), "video_id": row["id"], "label": label}
+    logging.warning("Charades %s: %d videos missing on disk", csv_name, missing)
