@@ -84,7 +84,7 @@ def test_eval_views_cover_clips_and_three_crops():
   assert views.shape == (9, 4, 32, 32, 3) and video_ops.num_views(settings) == 9
   raw = np.round(views * video_ops.STD * 255 + video_ops.MEAN * 255)
   starts = raw[::3, 0, 0, 0, 1] / 5  # first frame of each clip
-  np.testing.assert_array_equal(starts, [0, 11, 23])  # evenly spaced over 30 - 7 frames
+  np.testing.assert_array_equal(starts, [0, 12, 23])  # 0, 23 / 2 rounded, 23 = 30 - 7
   offsets = raw[:3, 0, 0, 0, 0]  # first column of crops 0, 1, 2 of clip 0
   np.testing.assert_array_equal(offsets, [0, 16, 32])
 

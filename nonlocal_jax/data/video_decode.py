@@ -81,5 +81,7 @@ def encode_video(frames: np.ndarray, fps: int = 25, codec: str = "libx264") -> b
   return buffer.getvalue()
 
 
-def _as_file(source: str | bytes | BinaryIO):
+def _as_file(source: str | bytes | BinaryIO | np.ndarray):
+  if isinstance(source, np.ndarray):  # a 0-d bytes array from tf.numpy_function
+    source = source.item()
   return io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
