@@ -8,11 +8,13 @@ marks have the same colour and 0 otherwise (balanced).
 Why it separates the models: a C2D network processes frames independently
 up to its final average pool (its only temporal operation, a 2x1x1 max pool
 after res2, never sees both marks because they are in different halves), so
-it sees the *sum* of per-frame features g(c1) + g(c2). For any g, the
-different-colour pair (a, b) lies between the same-colour pairs (a, a) and
-(b, b), so no linear classifier on the sum separates them: C2D without
-non-local blocks stays near chance. A non-local block relates the two marks
-directly and can solve it: the paper's claim in miniature.
+its logit is linear in the *sum* of per-frame features g(c1) + g(c2). The
+different-colour pair (a, b) then scores the mean of the same-colour pairs
+(a, a) and (b, b), so no such classifier is right on every pair: the best it
+can do is flag same-colour pairs within a subset of the colours, at most 2/3
+accuracy with 4 colours, and in practice it stays near chance. A non-local
+block relates the two marks directly and solves it: the paper's claim in
+miniature.
 
 The TFDS builder generates everything from a fixed seed, offline.
 """
