@@ -140,8 +140,8 @@ class NonLocalBlock(nnx.Module):
     rngs: random streams for parameter init.
 
   Shapes: input and output (B, *positions, C). The sown weights are
-  (B', Nq, Nk): B' = B for spacetime without groups, Nq the query positions
-  and Nk the (pooled) key positions attended by each query.
+  (B, *positions, *key_positions) for spacetime attention without groups
+  (key positions: the pooled grid), else (B', Nq, Nk) in the folded layout.
   """
 
   def __init__(
@@ -276,11 +276,12 @@ class NonLocalBlock(nnx.Module):
       theta = theta * (theta.shape[-1] ** -0.5)
     return theta, phi
 
-  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, grids: tuple | None) -> jax.Array:
     score, normalization = _KERNELS[self.instantiation]
     if self.capture_attention:
       w = attention.attention_weights(q, k, score, normalization)
-      self.sow(nnx.Intermediate, "attention_weights", w)
+      self.sow(nnx.Intermediate, "attention_weights",
+               w if grids is None else w.reshape(w.shape[0], *grids[0], *grids[1]))
       return jnp.einsum("bnm,bmd->bnd", w.astype(v.dtype), v,
                         preferred_element_type=jnp.float32).astype(v.dtype)
     path = self.attention_path
@@ -325,7 +326,8 @@ class NonLocalBlock(nnx.Module):
     q = _fold_local_axes(q, local_axes, cells)
     k = _fold_local_axes(k, local_axes, (1,) * len(cells))
     v = _fold_local_axes(g, local_axes, (1,) * len(cells))
-    y = self._attend(q, k, v)
+    unfolded = not local_axes and not self.temporal_group_size
+    y = self._attend(q, k, v, (query_grid, key_grid) if unfolded else None)
     y = _unfold_local_axes(y, xg.shape[0], query_grid, local_axes, cells)
     y = y.reshape(batch, *positions, y.shape[-1])
 

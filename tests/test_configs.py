@@ -21,6 +21,7 @@ from PIL import Image
 
 from nonlocal_jax import input_pipeline, train
 from nonlocal_jax.data import video_decode
+from nonlocal_jax.models import get_spec, list_models
 
 CONFIGS = [
     ("default", ""), ("default", "baseline"),
@@ -189,3 +190,26 @@ def test_missing_download_gives_a_clear_error(tmp_path):
   config.dataset, config.data_dir = "imagenet2012", str(tmp_path / "empty")
   with pytest.raises(FileNotFoundError, match="'imagenet2012' is not prepared"):
     input_pipeline.get_builder(config)
+
+
+def all_variants():
+  from configs import kinetics, segmentation
+  video = [f"{a}_{p}_{d}_{c}" for a in kinetics.ARCHS for p in kinetics.PLACEMENTS
+           for d in kinetics.DEPTHS for c in kinetics.CLIPS]
+  segment = [f"{name}_{r}_{crop}_{i}" for name, crops in segmentation.RUNS.items()
+             for r in ("r50", "r101") for crop, iters in crops.items() for i in iters]
+  return ([("kinetics", v) for v in video] + [("segmentation", v) for v in segment]
+          + [("charades", f"{a}_{p}_{d}") for a in ("c2d", "i3d") for p in ("baseline", "nl5")
+             for d in ("r50", "r101")]
+          + [("ucf101", v[:-4]) for v in video if v.endswith("8x8")]
+          + [("video_folder", v[:-4]) for v in video if v.endswith("8x8")]
+          + [("imagenet", m) for m in list_models() if m.startswith("resnet")])
+
+
+def test_every_variant_names_a_registered_model():
+  variants = all_variants()
+  assert len(variants) == 32 + 16 + 8 + 16 + 16 + 10
+  for name, variant in variants:
+    config = load_config(name, variant)
+    get_spec(config.model.name)  # raises for an unknown model
+    assert config.num_train_steps > 0

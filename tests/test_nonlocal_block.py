@@ -197,12 +197,26 @@ def test_official_defaults():
 
 def test_default_pool_windows():
   """Videos pool (1,2,2), images (2,2), sequences (2,): visible in the attention shape."""
-  for shape, keys in [((1, 8, 4), 4), ((1, 4, 6, 4), 6), ((1, 2, 4, 6, 4), 12)]:
+  for shape, keys in [((1, 8, 4), (4,)), ((1, 4, 6, 4), (2, 3)), ((1, 2, 4, 6, 4), (2, 2, 3))]:
     block = NonLocalBlock(4, capture_attention=True, rngs=nnx.Rngs(0))
     _, inter = nnx.capture(block, nnx.Intermediate)(jnp.ones(shape))
     (weights,) = inter["attention_weights"].get_value()
-    assert weights.shape == (1, int(np.prod(shape[1:-1])), keys)
-    np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-5)
+    assert weights.shape == (1, *shape[1:-1], *keys)
+    key_axes = tuple(range(len(shape) - 1, weights.ndim))
+    np.testing.assert_allclose(np.asarray(weights).sum(key_axes), 1.0, rtol=1e-5)
+
+
+def test_captured_weights_are_the_ones_used():
+  """Capturing forces the einsum path and returns the same output."""
+  x = jax.random.normal(jax.random.key(4), (2, 4, 6, 6, 8))
+  block = NonLocalBlock(8, final_norm="none", attention_path="chunked", rngs=nnx.Rngs(0))
+  randomize_params(block)
+  plain = block(x)
+  block.capture_attention = True
+  captured, inter = nnx.capture(block, nnx.Intermediate)(x)
+  np.testing.assert_allclose(np.asarray(captured), np.asarray(plain), rtol=1e-5, atol=1e-5)
+  (weights,) = inter["attention_weights"].get_value()
+  assert weights.shape == (2, 4, 6, 6, 4, 3, 3)
 
 
 @pytest.mark.parametrize("instantiation", INSTANTIATIONS)
