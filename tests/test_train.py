@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from configs import default as default_config
 from nonlocal_jax import input_pipeline, train
 from nonlocal_jax.data.long_range_video import LongRangeVideo
+from nonlocal_jax.plot import read_scalars
 from nonlocal_jax.tasks import Task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,15 +181,7 @@ def test_end_to_end_default_config_lowers_the_loss(tmp_path, data_dir):
   final = train.train_and_evaluate(config, str(tmp_path))
   assert set(final) >= {"eval_loss", "eval_accuracy", "eval_top5_accuracy", "param_norm", "step"}
   assert json.loads((tmp_path / "final_metrics.json").read_text()) == final
-  import tensorflow as tf
-  losses = []
-  for name in sorted(os.listdir(tmp_path)):
-    if name.startswith("events"):
-      for event in tf.compat.v1.train.summary_iterator(str(tmp_path / name)):
-        for value in event.summary.value:
-          if value.tag == "train_loss":
-            losses.append((event.step, float(tf.make_ndarray(value.tensor))))
-  losses = [loss for _, loss in sorted(losses)]
+  losses = [loss for _, loss in read_scalars(str(tmp_path))["train_loss"]]
   assert len(losses) == 6
   assert losses[-1] < losses[0] - 0.05, losses
 

@@ -1,0 +1,239 @@
+"""Draw what the non-local blocks attend to (the paper's Figure 3).
+
+    python -m nonlocal_jax.visualize --workdir workdirs/default --output attention.png
+    python -m nonlocal_jax.visualize --config configs/kinetics.py:i3d_nl5_r50_8x8 \
+        --weights /ckpt/i3d_nl5_r50 --input clip.mp4 --query 3,100,120 --output attention.png
+
+For each query position (t, y, x in input pixels) and each chosen non-local
+block, the frames of the clip are drawn side by side with the query (red x)
+and its ``--top_k`` most attended keys: the pixels each key cell covers
+(yellow boxes in every frame the cell spans, opacity by weight, arrows from
+the query). Keys are cells of the block's subsampled feature map, so one
+box can span several frames and many pixels. ``--input`` is a video file (mp4, avi, ... decoded
+with PyAV), an image file, or ``dataset:N`` for example N of the config's
+evaluation split (default). Without ``--query`` the most salient positions
+are used: those whose input differs most from their frame's mean colour.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from flax import nnx  # noqa: E402
+from matplotlib.patches import ConnectionPatch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from nonlocal_jax import checkpoints, input_pipeline, train  # noqa: E402
+from nonlocal_jax.data import video_decode  # noqa: E402
+from nonlocal_jax.preprocessing import image as image_ops  # noqa: E402
+from nonlocal_jax.preprocessing import video as video_ops  # noqa: E402
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def attention_maps(model: nnx.Module, inputs: jnp.ndarray) -> dict[str, np.ndarray]:
+  """{block path: weights (B, *query grid, *key grid)} of every non-local block, eval mode."""
+  model = nnx.view(model, deterministic=True, use_running_average=True, capture_attention=True)
+  _, intermediates = nnx.capture(model, nnx.Intermediate)(inputs)
+  maps = {}
+  for path, value in nnx.to_flat_state(intermediates):
+    if path[-1] == "attention_weights":
+      maps[".".join(str(p) for p in path[:-1])] = np.asarray(value.get_value()[0])
+  if not maps:
+    raise ValueError("the model has no non-local block with spacetime attention to draw")
+  return maps
+
+
+def _video_example(frames: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
+  """The first evaluation view of decoded frames, as the model sees it (T, S, S, 3)."""
+  views = video_ops.eval_views({"video": tf.constant(frames)}, config.input).numpy()
+  return views[0]
+
+
+def load_input(source: str, config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+  """(model input (1, ...) float32, frames for display (T, H, W, 3) uint8) from `source`."""
+  modality = config.get("modality", "video")
+  if source.startswith("dataset"):
+    index = int(source.partition(":")[2] or 0)
+    builder = input_pipeline.get_builder(config)
+    split = f"{config.eval_split}[{index}:{index + 1}]"
+    example = next(iter(builder.as_dataset(split=split)))
+    preprocess = input_pipeline.preprocess_fn(config, train=False)
+    inputs = preprocess(example, None)["inputs"].numpy()
+    if input_pipeline.num_eval_views(config) > 1:
+      inputs = inputs[0]
+  else:
+    if not os.path.exists(source):
+      raise FileNotFoundError(f"--input {source!r} does not exist")
+    ext = os.path.splitext(source)[1].lower()
+    if ext in VIDEO_EXTENSIONS and modality == "video":
+      num_frames, fps = video_decode.probe(source)
+      length = config.input.num_frames or num_frames
+      indices = video_ops.clip_indices(num_frames, length, config.input.frame_stride,
+                                       0).numpy()
+      inputs = _video_example(video_decode.decode_frames(source, indices, fps), config)
+    elif ext in IMAGE_EXTENSIONS and modality == "image":
+      image = np.asarray(Image.open(source).convert("RGB"))
+      inputs = image_ops.eval_image(tf.constant(image), config.input).numpy()
+    else:
+      raise ValueError(f"--input {source!r}: expected a {modality} file "
+                       f"({VIDEO_EXTENSIONS if modality == 'video' else IMAGE_EXTENSIONS}) "
+                       "or dataset:N")
+  display = _to_display(inputs, modality, config)
+  return inputs[None].astype(np.float32), display
+
+
+def _to_display(inputs: np.ndarray, modality: str, config) -> np.ndarray:
+  """Undo the normalisation: (T, H, W, 3) uint8 (images get T = 1)."""
+  if modality == "video":
+    pixels = (inputs * video_ops.STD + video_ops.MEAN) * 255
+  else:
+    mean, std = image_ops.STATS[config.input.style]
+    pixels = ((inputs * np.array(std) + np.array(mean)) * 255)[None]
+  return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+
+
+def salient_queries(frames: np.ndarray, count: int) -> list[tuple[int, int, int]]:
+  """`count` (t, y, x) pixels that differ most from their frame's mean colour, spread apart."""
+  pixels = frames.astype(np.float32)
+  saliency = np.linalg.norm(pixels - pixels.mean(axis=(1, 2), keepdims=True), axis=-1)
+  queries = []
+  radius = max(frames.shape[1], frames.shape[2]) // 8
+  for _ in range(count):
+    t, y, x = np.unravel_index(np.argmax(saliency), saliency.shape)
+    queries.append((int(t), int(y), int(x)))
+    saliency[:, max(y - radius, 0):y + radius + 1, max(x - radius, 0):x + radius + 1] = -1
+    saliency[t] = -1  # one query per frame at most
+  return queries
+
+
+def _cell(position: Sequence[int], pixels: Sequence[int], grid: Sequence[int]) -> tuple[int, ...]:
+  """Grid cell containing a pixel position (each axis scaled by grid / pixels)."""
+  return tuple(min(int(p * g / n), g - 1) for p, n, g in zip(position, pixels, grid))
+
+
+def _extent(cell: Sequence[int], pixels: Sequence[int], grid: Sequence[int]) -> list[tuple]:
+  """Pixel range [start, stop) covered by a grid cell along each axis."""
+  return [(c * n / g, (c + 1) * n / g) for c, n, g in zip(cell, pixels, grid)]
+
+
+def top_keys(weights: np.ndarray, query: Sequence[int], pixels: Sequence[int], top_k: int):
+  """[(pixel extent per axis of the key cell, weight)] of the `top_k` strongest keys of a query.
+
+  weights: one example's (*query grid, *key grid) map (video: 3 + 3 axes);
+  query and pixels are (t, y, x) positions / sizes in input pixels.
+  """
+  ndim = weights.ndim // 2
+  query_grid, key_grid = weights.shape[:ndim], weights.shape[ndim:]
+  row = weights[_cell(query, pixels, query_grid)]
+  order = np.argsort(row, axis=None)[::-1][:top_k]
+  return [(_extent(np.unravel_index(i, key_grid), pixels, key_grid), float(row.flat[i]))
+          for i in order]
+
+
+def draw(frames: np.ndarray, maps: dict[str, np.ndarray], queries: Sequence[Sequence[int]],
+         output: str, top_k: int = 20) -> None:
+  """One row per (block, query): the frames with the query and its most attended keys."""
+  if frames.ndim == 3:
+    frames = frames[None]
+  num_frames = frames.shape[0]
+  pixels = frames.shape[:3]
+  rows = [(name, q) for name in maps for q in queries]
+  fig, axes = plt.subplots(len(rows), num_frames, squeeze=False,
+                           figsize=(1.6 * num_frames + 0.5, 1.8 * len(rows) + 0.3))
+  for r, (name, query) in enumerate(rows):
+    weights = maps[name][0]
+    if weights.ndim == 4:  # image block: add the time axes
+      weights = weights[None, :, :, None]
+    for t in range(num_frames):
+      ax = axes[r, t]
+      ax.imshow(frames[t], interpolation="nearest")
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if r == 0:
+        ax.set_title(f"t={t}", fontsize=8)
+    axes[r, 0].set_ylabel(f"{name}\nquery {tuple(query)}", fontsize=6)
+    qt, qy, qx = query
+    axes[r, qt].plot(qx, qy, "rx", markersize=9, markeredgewidth=2)
+    keys = top_keys(weights, query, pixels, top_k)
+    strongest = keys[0][1] or 1.0
+    for ((t0, t1), (y0, y1), (x0, x1)), w in keys:
+      alpha = max(w / strongest, 0.05)
+      frames_covered = range(int(t0), max(int(np.ceil(t1)), int(t0) + 1))
+      for t in frames_covered:  # the key cell spans these frames (temporal pooling)
+        axes[r, t].add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0,
+                                           edgecolor="yellow", facecolor="none", alpha=alpha,
+                                           linewidth=1.5))
+      target = axes[r, frames_covered[0]]
+      fig.add_artist(ConnectionPatch((qx, qy), ((x0 + x1) / 2, (y0 + y1) / 2), "data", "data",
+                                     axesA=axes[r, qt], axesB=target, color="yellow",
+                                     alpha=0.6 * alpha, arrowstyle="->", linewidth=0.8))
+  fig.suptitle(f"query (red x) and its {top_k} most attended key cells (yellow, opacity = "
+               "weight) in each non-local block",
+               fontsize=9)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  fig.savefig(output, dpi=110)
+  plt.close(fig)
+
+
+def visualize(config: ml_collections.ConfigDict, weights: str, output: str, *,
+              source: str = "dataset:0", queries: Sequence[Sequence[int]] | None = None,
+              blocks: Sequence[str] | None = None, top_k: int = 20,
+              num_queries: int = 2) -> dict[str, np.ndarray]:
+  """Builds the model, loads `weights` (workdir or weights checkpoint) and draws `output`."""
+  if not config.num_classes:
+    config = config.copy_and_resolve_references()
+    config.num_classes = input_pipeline.get_builder(config).info.features["label"].num_classes
+  model = train.build_model(config, nnx.Rngs(0))
+  checkpoints.restore_weights(model, weights)
+  inputs, frames = load_input(source, config)
+  maps = attention_maps(model, jnp.asarray(inputs))
+  if blocks:
+    unknown = sorted(set(blocks) - set(maps))
+    if unknown:
+      raise ValueError(f"--block {unknown} not found; the model's blocks are {sorted(maps)}")
+    maps = {name: maps[name] for name in blocks}
+  queries = list(queries) if queries else salient_queries(frames, num_queries)
+  for query in queries:
+    if len(query) != 3 or not all(0 <= q < n for q, n in zip(query, frames.shape[:3])):
+      raise ValueError(f"query {tuple(query)} is outside the clip of shape (T, H, W) = "
+                       f"{frames.shape[:3]}")
+  draw(frames, maps, queries, output, top_k)
+  return maps
+
+
+def main(argv) -> None:
+  del argv
+  queries = [tuple(int(v) for v in q.split(",")) for q in FLAGS.query] if FLAGS.query else None
+  visualize(FLAGS.config, FLAGS.weights or FLAGS.workdir, FLAGS.output, source=FLAGS.input,
+            queries=queries, blocks=FLAGS.block, top_k=FLAGS.top_k)
+  print(f"wrote {FLAGS.output}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  FLAGS = flags.FLAGS
+  _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config_flags.DEFINE_config_file("config", os.path.join(_ROOT, "configs", "default.py"),
+                                  "Config the model was trained with.", lock_config=False)
+  flags.DEFINE_string("workdir", "workdirs/default", "Training workdir to read weights from.")
+  flags.DEFINE_string("weights", None, "A weights checkpoint instead of --workdir.")
+  flags.DEFINE_string("input", "dataset:0", "Video / image file, or dataset:N.")
+  flags.DEFINE_multi_string("query", None, "t,y,x in input pixels (repeatable); default: auto.")
+  flags.DEFINE_multi_string("block", None, "Non-local block path (repeatable); default: all.")
+  flags.DEFINE_integer("top_k", 20, "Attended positions drawn per query.")
+  flags.DEFINE_string("output", "attention.png", "PNG to write.")
+  app.run(main)
