@@ -1,7 +1,6 @@
 """Decoding, clip sampling, augmentation, builders and batching against known content."""
 
 import csv
-import os
 
 import jax
 import ml_collections
