@@ -96,6 +96,22 @@ def attend_einsum(q: jax.Array, k: jax.Array, v: jax.Array, score: Score = "dot"
   return y.astype(v.dtype)
 
 
+def attend_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                                 implementation: str | None = None) -> jax.Array:
+  """Softmax attention through ``jax.nn.dot_product_attention`` (one head, q pre-scaled).
+
+  Only for the softmax instantiations; XLA picks its own kernel (cuDNN flash
+  attention on GPUs with ``implementation='cudnn'``). Returns (B, N, Dv).
+  """
+  _check(q, k, v, "dot", "softmax")
+  if q.shape[-1] != v.shape[-1]:
+    raise ValueError(f"jax.nn.dot_product_attention needs equal key and value widths; "
+                     f"got {q.shape[-1]} and {v.shape[-1]}")
+  y = jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None], scale=1.0,
+                                   implementation=implementation)
+  return y[:, :, 0]
+
+
 def _key_blocks(x: jax.Array, chunk_size: int) -> jax.Array:
   """(B, M, D) -> (num_chunks, B, chunk_size, D), zero-padded at the end."""
   b, m, d = x.shape

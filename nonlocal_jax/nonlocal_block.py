@@ -26,7 +26,7 @@ from nonlocal_jax import attention
 Instantiation = Literal["embedded_gaussian", "gaussian", "dot_product", "concatenation"]
 INSTANTIATIONS = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
 RESTRICTIONS = ("spacetime", "space", "time")
-ATTENTION_PATHS = ("einsum", "chunked", "auto")
+ATTENTION_PATHS = ("einsum", "chunked", "xla", "auto")
 POOL_POSITIONS = ("before", "after")
 FINAL_NORMS = ("batch_norm", "none")
 
@@ -123,8 +123,10 @@ class NonLocalBlock(nnx.Module):
       query's own frame) or ``'time'`` (keys at the query's own spatial cell);
       the paper's Table 2d. Videos only.
     attention_path: ``'einsum'`` (materialises the N x M matrix),
-      ``'chunked'`` (exact, streams over key blocks) or ``'auto'`` (chunked
-      when the float32 N x M matrix would exceed `auto_threshold_bytes`).
+      ``'chunked'`` (exact, streams over key blocks), ``'xla'``
+      (``jax.nn.dot_product_attention``; softmax instantiations with
+      d(theta) = d(g)) or ``'auto'`` (chunked when the float32 N x M matrix
+      would exceed `auto_threshold_bytes`, else einsum).
     chunk_size: keys per block of the chunked path.
     auto_threshold_bytes: see `attention_path`.
     init_std: std of the normal init of theta, phi, g, W_z and w_f
@@ -158,7 +160,7 @@ class NonLocalBlock(nnx.Module):
       use_out_bias: bool = True,
       temporal_group_size: int | None = None,
       restriction: Literal["spacetime", "space", "time"] = "spacetime",
-      attention_path: Literal["einsum", "chunked", "auto"] = "auto",
+      attention_path: Literal["einsum", "chunked", "xla", "auto"] = "auto",
       chunk_size: int = 512,
       auto_threshold_bytes: int = 256 * 2**20,
       init_std: float = 0.01,
@@ -289,6 +291,11 @@ class NonLocalBlock(nnx.Module):
       path = "chunked" if attention.einsum_bytes(q, k) > self.auto_threshold_bytes else "einsum"
     if path == "chunked":
       return attention.attend_chunked(q, k, v, score, normalization, self.chunk_size)
+    if path == "xla":
+      if normalization != "softmax":
+        raise ValueError(f"attention_path='xla' needs a softmax instantiation, not "
+                         f"{self.instantiation!r}")
+      return attention.attend_dot_product_attention(q, k, v)
     return attention.attend_einsum(q, k, v, score, normalization)
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -308,3 +308,19 @@ def test_bad_input_raises(kwargs, shape, match):
 def test_bad_arguments_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
     NonLocalBlock(8, rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_xla_dot_product_attention_path_matches_einsum():
+  x = jax.random.normal(jax.random.key(5), (2, 4, 6, 6, 8))
+  block = NonLocalBlock(8, final_norm="none", rngs=nnx.Rngs(0))
+  randomize_params(block, scale=0.3)
+  outputs = {}
+  for path in ("einsum", "xla"):
+    block.attention_path = path
+    outputs[path] = jax.value_and_grad(lambda b: jnp.sum(jnp.sin(b(x))))(block)
+  np.testing.assert_allclose(outputs["einsum"][0], outputs["xla"][0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(outputs["einsum"][1]), jax.tree.leaves(outputs["xla"][1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  block = NonLocalBlock(8, instantiation="dot_product", attention_path="xla", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="needs a softmax instantiation"):
+    block(x)
