@@ -1,0 +1,131 @@
+"""Train-step throughput (clips/s) and peak memory: our jit step against PyTorch eager.
+
+    python -m benchmarks.train_step                                 # 4 models, 8x112x112, batch 4
+    python -m benchmarks.train_step --models i3d_nl5_r50 --crop 160 --json out.json
+
+The JAX side is the real ``train.train_step`` (SGD, Nesterov, masked weight
+decay, BN in training mode, state donated) on one device; the PyTorch side
+is the same network built as PySlowFast builds it
+(:mod:`benchmarks.torch_video_resnet`) with ``torch.optim.SGD``, in eager
+mode with as many threads as cores. Peak memory for JAX is the compiled
+memory analysis; for PyTorch the process's peak RSS growth is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from configs import common
+from nonlocal_jax import train
+from nonlocal_jax.tasks import Task
+
+MODELS = {  # registry name: (torch arch, NL placement)
+    "c2d_r50": ("c2d", ((), (), (), ())),
+    "i3d_r50": ("i3d", ((), (), (), ())),
+    "c2d_nl5_r50": ("c2d", ((), (1, 3), (1, 3, 5), ())),
+    "i3d_nl5_r50": ("i3d", ((), (1, 3), (1, 3, 5), ())),
+}
+
+
+def step_config(model: str, batch: int) -> ml_collections.ConfigDict:
+  config = common.base_config()
+  config.model.name = model
+  config.num_classes = 400
+  config.batch_size = batch
+  config.learning_rate = 0.01
+  return config
+
+
+def jax_throughput(model: str, batch: int, frames: int, crop: int, repeats: int) -> dict:
+  config = step_config(model, batch)
+  lr_fn = train.create_learning_rate_fn(config)
+  mesh = train.create_mesh(jax.devices()[:1])
+  graphdef, state, shardings = train.create_train_state(config, lr_fn, mesh)
+  step = jax.jit(functools.partial(train.train_step, graphdef, Task(config), lr_fn),
+                 donate_argnums=0)
+  batch_data = {"inputs": jnp.asarray(np.random.default_rng(0).normal(
+      size=(batch, frames, crop, crop, 3)), jnp.float32),
+                "label": jnp.zeros((batch,), jnp.int32)}
+  compiled = step.lower(state, batch_data).compile()
+  memory = compiled.memory_analysis()
+  state, _ = compiled(state, batch_data)  # warm-up
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch_data)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - start)
+  peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+  return {"clips_per_s": batch / float(np.median(times)), "peak_bytes": int(peak)}
+
+
+def torch_throughput(model: str, batch: int, frames: int, crop: int, repeats: int) -> dict:
+  import torch
+
+  from benchmarks.torch_video_resnet import VideoResNet
+
+  torch.set_num_threads(os.cpu_count())
+  arch, nonlocal_blocks = MODELS[model]
+  net = VideoResNet(arch, 50, 400, nonlocal_blocks).train()
+  optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True,
+                              weight_decay=1e-4)
+  x = torch.randn(batch, 3, frames, crop, crop)
+  y = torch.zeros(batch, dtype=torch.long)
+  rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    optimizer.step()
+
+  step()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+  return {"clips_per_s": batch / float(np.median(times)), "peak_rss_growth_bytes": rss_growth}
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--frames", type=int, default=8)
+  parser.add_argument("--crop", type=int, default=112)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--json")
+  args = parser.parse_args(argv)
+  shape = (args.batch, args.frames, args.crop)
+  print(f"# train step, batch {args.batch}, clips {args.frames}x{args.crop}x{args.crop}, "
+        f"{os.cpu_count()} cores, jax {jax.__version__}")
+  print(f"{'model':14} {'jax clips/s':>12} {'torch clips/s':>14} {'ratio':>6} "
+        f"{'jax peak MB':>12} {'torch RSS+ MB':>14}")
+  rows = []
+  for model in args.models:
+    ours = jax_throughput(model, *shape, args.repeats)
+    theirs = torch_throughput(model, *shape, args.repeats)
+    ratio = ours["clips_per_s"] / theirs["clips_per_s"]
+    rows.append({"model": model, "shape": shape, "jax": ours, "torch": theirs, "ratio": ratio})
+    print(f"{model:14} {ours['clips_per_s']:12.2f} {theirs['clips_per_s']:14.2f} {ratio:6.2f} "
+          f"{ours['peak_bytes'] / 2**20:12.0f} {theirs['peak_rss_growth_bytes'] / 2**20:14.0f}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
