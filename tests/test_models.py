@@ -156,3 +156,20 @@ def test_bad_names_and_inputs_raise():
     model(jnp.zeros((2, 32, 32, 3)))
   with pytest.raises(ValueError, match="too short"):
     model(jnp.zeros((1, 1, 32, 32, 3)))
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,shape", [
+    ((1, 1, 1), (1, 2, 2), 1, (2, 4, 9, 9, 6)),
+    ((1, 3, 3), (1, 2, 2), 1, (2, 4, 9, 9, 6)),
+    ((1, 7, 7), (1, 2, 2), 1, (2, 4, 15, 15, 3)),
+    ((5, 7, 7), (2, 2, 2), 1, (2, 6, 15, 15, 3)),
+    ((3, 1, 1), 1, 1, (2, 4, 5, 5, 6)),
+    ((1, 1), (2, 2), 1, (2, 9, 9, 6)),
+    ((3, 3), 1, 2, (2, 9, 9, 6)),
+])
+def test_fast_convolution_lowering_equals_the_convolution(kernel, stride, dilation, shape):
+  from nonlocal_jax.models.resnet_layers import ConvNorm
+  layer = ConvNorm(shape[-1], 5, kernel, stride=stride, dilation=dilation, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), shape)
+  np.testing.assert_allclose(np.asarray(layer.convolve(x)), np.asarray(layer.conv(x)),
+                             rtol=1e-5, atol=1e-5)

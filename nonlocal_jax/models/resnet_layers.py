@@ -93,8 +93,31 @@ class ConvNorm(nnx.Module):
     self.norm = make_norm(out_features, norm, zero_init=zero_init_norm, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs)
 
+  def convolve(self, x: jax.Array) -> jax.Array:
+    """The convolution alone, lowered to what XLA runs fastest (same result as ``self.conv``).
+
+    Pointwise kernels become a matmul on the strided positions; 1 x kh x kw
+    kernels on videos become a 2D convolution with time folded into the batch
+    (XLA's CPU conv3d is much slower than both; see docs/benchmarks.md).
+    """
+    conv = self.conv
+    kernel = conv.kernel[...]
+    if conv.dtype is not None:
+      x, kernel = x.astype(conv.dtype), kernel.astype(conv.dtype)
+    spatial = kernel.shape[:-2]
+    if all(k == 1 for k in spatial):
+      x = x[(slice(None), *(slice(None, None, s) for s in conv.strides))]
+      return jnp.einsum("...i,io->...o", x, kernel.reshape(kernel.shape[-2:]))
+    if len(spatial) == 3 and spatial[0] == 1 and conv.strides[0] == 1:
+      b, t = x.shape[:2]
+      y = jax.lax.conv_general_dilated(
+          x.reshape(b * t, *x.shape[2:]), kernel[0], conv.strides[1:], conv.padding[1:],
+          rhs_dilation=conv.kernel_dilation[1:], dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return y.reshape(b, t, *y.shape[1:])
+    return conv(x)
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.norm(self.conv(x))
+    return self.norm(self.convolve(x))
 
 
 class Bottleneck(nnx.Module):
