@@ -30,11 +30,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   config.batch_size = 32
   config.eval_batch_size = 64
-  config.num_train_steps = 600
+  config.num_train_steps = 1200
   config.schedule = "cosine"
   config.learning_rate = 0.2
   config.warmup_steps = 50
   config.log_every_steps = 50
-  config.checkpoint_every_steps = 300
+  config.checkpoint_every_steps = 600
   config.keep_checkpoints = 2
   return config
