@@ -21,14 +21,13 @@ import argparse
 import json
 import os
 import platform
-import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.timing import median_seconds
 from nonlocal_jax import NonLocalBlock
 
 # name: (input shape B, *positions, C; pool window or None)
@@ -54,16 +53,6 @@ def analytic_flops(shape: tuple[int, ...], window) -> float:
   return 3 * 2 * batch * (projections + attention)
 
 
-def _time(fn: Callable, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def jax_case(shape, window, path: str, repeats: int, skip_above_bytes: float) -> dict:
   """Compiles the block's fwd+bwd for one path; times it unless it needs too much memory."""
   block = NonLocalBlock(shape[-1], pool_window=window, final_norm="none", attention_path=path,
@@ -82,7 +71,8 @@ def jax_case(shape, window, path: str, repeats: int, skip_above_bytes: float) ->
   if peak > skip_above_bytes:
     return {"seconds": float("nan"), "peak_bytes": int(peak)}
   x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
-  return {"seconds": _time(compiled, (params, x), repeats), "peak_bytes": int(peak)}
+  seconds = median_seconds(lambda: jax.block_until_ready(compiled(params, x)), repeats)
+  return {"seconds": seconds, "peak_bytes": int(peak)}
 
 
 def torch_case(shape, window, repeats: int) -> dict:
@@ -114,19 +104,13 @@ def torch_case(shape, window, repeats: int) -> dict:
     x.grad = None
     block(x).sum().backward()
 
-  step()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return {"seconds": float(np.median(times))}
+  return {"seconds": median_seconds(step, repeats)}
 
 
 def matmul_peak_gflops(size: int = 4096, repeats: int = 5) -> float:
   a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
   dot = jax.jit(lambda a, b: a @ b)
-  seconds = _time(dot, (a, a), repeats)
+  seconds = median_seconds(lambda: jax.block_until_ready(dot(a, a)), repeats)
   return 2 * size**3 / seconds / 1e9
 
 

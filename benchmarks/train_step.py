@@ -18,13 +18,13 @@ import functools
 import json
 import os
 import resource
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from benchmarks.timing import median_seconds
 from configs import common
 from nonlocal_jax import train
 from nonlocal_jax.tasks import Task
@@ -58,16 +58,15 @@ def jax_throughput(model: str, batch: int, frames: int, crop: int, repeats: int)
                 "label": jnp.zeros((batch,), jnp.int32)}
   compiled = step.lower(state, batch_data).compile()
   memory = compiled.memory_analysis()
-  state, _ = compiled(state, batch_data)  # warm-up
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch_data)
-    jax.block_until_ready(state)
-    times.append(time.perf_counter() - start)
+  holder = {"state": state}
+
+  def step():  # the state is donated: keep the newest one
+    holder["state"], _ = compiled(holder["state"], batch_data)
+    jax.block_until_ready(holder["state"])
+
+  seconds = median_seconds(step, repeats)
   peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-  return {"clips_per_s": batch / float(np.median(times)), "peak_bytes": int(peak)}
+  return {"clips_per_s": batch / seconds, "peak_bytes": int(peak)}
 
 
 def torch_throughput(model: str, batch: int, frames: int, crop: int, repeats: int) -> dict:
@@ -89,14 +88,9 @@ def torch_throughput(model: str, batch: int, frames: int, crop: int, repeats: in
     torch.nn.functional.cross_entropy(net(x), y).backward()
     optimizer.step()
 
-  step()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
+  seconds = median_seconds(step, repeats)
   rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
-  return {"clips_per_s": batch / float(np.median(times)), "peak_rss_growth_bytes": rss_growth}
+  return {"clips_per_s": batch / seconds, "peak_rss_growth_bytes": rss_growth}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
 
+from nonlocal_jax.data.user_files import UserFilesBuilder
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
@@ -40,15 +42,8 @@ def class_folder_label(root_dir: str | None) -> tfds.features.ClassLabel:
   return tfds.features.ClassLabel(names=names)
 
 
-class ImageClassFolder(tfds.core.GeneratorBasedBuilder):
+class ImageClassFolder(UserFilesBuilder):
   """Images in ``<root_dir>/<split>/<class name>/`` (see the module docstring)."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-  def __init__(self, *, root_dir: str | None = None, **kwargs):
-    self.root_dir = os.path.expanduser(root_dir) if root_dir else None
-    super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -61,8 +56,8 @@ class ImageClassFolder(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager
-    return {split: self._generate_examples(os.path.join(self.root_dir, split))
-            for split in class_folder_splits(self.root_dir)}
+    return {split: self._generate_examples(os.path.join(self._root(), split))
+            for split in class_folder_splits(self._root())}
 
   def _generate_examples(self, split_dir: str) -> Iterator[tuple[str, dict]]:
     for label in sorted(os.listdir(split_dir)):

@@ -24,6 +24,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from nonlocal_jax.data.user_files import UserFilesBuilder
+
 IGNORE = 255
 
 # Cityscapes label id -> train id (the 19 evaluated classes); everything else ignored.
@@ -38,16 +40,10 @@ def _lookup_table(mapping: dict[int, int]) -> np.ndarray:
   return table
 
 
-class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
+class _SegmentationBuilder(UserFilesBuilder, skip_registration=True):
   """Base: images and label maps from `root_dir`, labels remapped by `_remap`."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
   NUM_CLASSES = 0
-
-  def __init__(self, *, root_dir: str | None = None, **kwargs):
-    self.root_dir = os.path.expanduser(root_dir) if root_dir else None
-    super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -57,12 +53,6 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
             "label": tfds.features.Image(shape=(None, None, 1)),
             "image_id": tfds.features.Text(),
         }))
-
-  def _root(self) -> str:
-    if not self.root_dir or not os.path.isdir(self.root_dir):
-      raise FileNotFoundError(f"{self.name}: set config.manual_dir to the folder of the "
-                              f"downloaded files (got {self.root_dir!r}); see the README")
-    return self.root_dir
 
   def _pairs(self, split: str) -> list[tuple[str, str, str]]:
     """(image id, image path, label path) of a split."""

@@ -26,6 +26,7 @@ from absl import logging
 
 from nonlocal_jax.data import video_decode
 from nonlocal_jax.data.image_folder import class_folder_label, class_folder_splits
+from nonlocal_jax.data.user_files import UserFilesBuilder
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 
@@ -64,24 +65,7 @@ def _require(path: str, what: str) -> str:
   return path
 
 
-class _VideoFilesBuilder(tfds.core.GeneratorBasedBuilder):
-  """Base: a builder over the user's files in `root_dir` (read while preparing)."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-  def __init__(self, *, root_dir: str | None = None, **kwargs):
-    self.root_dir = os.path.expanduser(root_dir) if root_dir else None
-    super().__init__(**kwargs)
-
-  def _root(self) -> str:
-    if not self.root_dir:
-      raise ValueError(f"{self.name} reads your downloaded files: set config.manual_dir to "
-                       "their folder")
-    return _require(self.root_dir, f"{self.name} files")
-
-
-class VideoClassFolder(_VideoFilesBuilder):
+class VideoClassFolder(UserFilesBuilder):
   """Own videos in class folders: ``<root_dir>/<split>/<class name>/<video>.mp4``.
 
   Every sub-folder of `root_dir` is a split (e.g. train, test); the class
@@ -90,12 +74,13 @@ class VideoClassFolder(_VideoFilesBuilder):
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(features=_video_features(class_folder_label(self.root_dir)),
+    label = class_folder_label(self.root_dir)
+    return self.dataset_info_from_configs(features=_video_features(label),
                                           description=self.__doc__)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager
-    return {split: self._generate_examples(os.path.join(self.root_dir, split))
+    return {split: self._generate_examples(os.path.join(self._root(), split))
             for split in class_folder_splits(self._root())}
 
   def _generate_examples(self, split_dir: str) -> Iterator[tuple[str, dict]]:
@@ -104,7 +89,7 @@ class VideoClassFolder(_VideoFilesBuilder):
         yield f"{label}/{video_id}", {**_read_video(path), "video_id": video_id, "label": label}
 
 
-class Kinetics(_VideoFilesBuilder):
+class Kinetics(UserFilesBuilder):
   """Kinetics-400 from its official annotation CSVs and the videos as downloaded.
 
   ``<root_dir>/annotations/{train,validate}.csv`` (columns label, youtube_id,
@@ -149,7 +134,7 @@ class Kinetics(_VideoFilesBuilder):
                     csv_name)
 
 
-class Charades(_VideoFilesBuilder):
+class Charades(UserFilesBuilder):
   """Charades v1 (multi-label, 157 classes) from its official CSVs and videos.
 
   ``<root_dir>/Charades_v1_{train,test}.csv`` (columns id, ..., actions as
