@@ -28,7 +28,8 @@ Two exact implementations:
   custom VJP that recomputes each block, so neither the forward nor the
   backward pass holds more than (B, N, chunk_size) pairwise values.
 
-Scores, softmax and accumulators are float32 whatever the input dtype.
+Scores, softmax and accumulators are float32 for float32 and lower-precision
+inputs (bf16), float64 for float64 inputs (jax x64).
 """
 
 from __future__ import annotations
@@ -60,24 +61,30 @@ def _check(q: jax.Array, k: jax.Array, v: jax.Array, score: str, normalization: 
     raise ValueError(f"the 'sum' score takes scalar embeddings (B, N, 1); got q of shape {q.shape}")
 
 
+def accumulator_dtype(*arrays: jax.Array) -> jnp.dtype:
+  """float32, or float64 when an input is float64: the dtype of scores and sums."""
+  return jnp.promote_types(jnp.float32, jnp.result_type(*arrays))
+
+
 def pairwise_scores(q: jax.Array, k: jax.Array, score: Score) -> jax.Array:
-  """Raw scores s_ij, float32 of shape (B, N, M)."""
+  """Raw scores s_ij (B, N, M) in the accumulator dtype."""
+  acc = accumulator_dtype(q, k)
   if score == "dot":
-    return jnp.einsum("bnd,bmd->bnm", q, k, preferred_element_type=jnp.float32)
-  return q.astype(jnp.float32) + jnp.swapaxes(k, 1, 2).astype(jnp.float32)
+    return jnp.einsum("bnd,bmd->bnm", q, k, preferred_element_type=acc)
+  return q.astype(acc) + jnp.swapaxes(k, 1, 2).astype(acc)
 
 
 def _score_vjp(ds: jax.Array, q: jax.Array, k: jax.Array, score: Score) -> tuple[jax.Array, jax.Array]:
   """Gradients of `pairwise_scores` w.r.t. q and k given ds (B, N, M)."""
   if score == "dot":
-    dq = jnp.einsum("bnm,bmd->bnd", ds, k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bnm,bnd->bmd", ds, q, preferred_element_type=jnp.float32)
+    dq = jnp.einsum("bnm,bmd->bnd", ds, k, preferred_element_type=ds.dtype)
+    dk = jnp.einsum("bnm,bnd->bmd", ds, q, preferred_element_type=ds.dtype)
     return dq, dk
   return ds.sum(axis=2, keepdims=True), jnp.swapaxes(ds.sum(axis=1, keepdims=True), 1, 2)
 
 
 def attention_weights(q: jax.Array, k: jax.Array, score: Score, normalization: Normalization) -> jax.Array:
-  """The matrix f(x_i, x_j) / C(x), float32 of shape (B, N, M)."""
+  """The matrix f(x_i, x_j) / C(x) (B, N, M) in the accumulator dtype."""
   s = pairwise_scores(q, k, score)
   num_keys = k.shape[1]
   if normalization == "softmax":
@@ -92,7 +99,8 @@ def attend_einsum(q: jax.Array, k: jax.Array, v: jax.Array, score: Score = "dot"
   """y = (f / C) @ v with the full (B, N, M) matrix. Returns (B, N, Dv) in v.dtype."""
   _check(q, k, v, score, normalization)
   w = attention_weights(q, k, score, normalization)
-  y = jnp.einsum("bnm,bmd->bnd", w.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  y = jnp.einsum("bnm,bmd->bnd", w.astype(v.dtype), v,
+                 preferred_element_type=accumulator_dtype(w, v))
   return y.astype(v.dtype)
 
 
@@ -143,6 +151,7 @@ def _chunked(q, k, v, score, normalization, chunk_size):
 def _chunked_fwd(q, k, v, score, normalization, chunk_size):
   b, n, _ = q.shape
   num_keys, dv = v.shape[1], v.shape[2]
+  acc_dtype = accumulator_dtype(q, k, v)
   xs = (_key_blocks(k, chunk_size), _key_blocks(v, chunk_size), _valid_mask(num_keys, chunk_size))
   if normalization == "softmax":
     def body(carry, blk):
@@ -154,11 +163,11 @@ def _chunked_fwd(q, k, v, score, normalization, chunk_size):
       correction = jnp.exp(m - m_new)
       l = l * correction + p.sum(axis=-1)
       acc = acc * correction[..., None] + jnp.einsum(
-          "bnc,bcd->bnd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+          "bnc,bcd->bnd", p.astype(v.dtype), vb, preferred_element_type=acc_dtype)
       return (m_new, l, acc), None
 
-    init = (jnp.full((b, n), -jnp.inf, jnp.float32), jnp.zeros((b, n), jnp.float32),
-            jnp.zeros((b, n, dv), jnp.float32))
+    init = (jnp.full((b, n), -jnp.inf, acc_dtype), jnp.zeros((b, n), acc_dtype),
+            jnp.zeros((b, n, dv), acc_dtype))
     (m, l, acc), _ = jax.lax.scan(body, init, xs)
     out = (acc / l[..., None]).astype(v.dtype)
     stat = m + jnp.log(l)  # log-sum-exp of every row
@@ -168,26 +177,27 @@ def _chunked_fwd(q, k, v, score, normalization, chunk_size):
       kb, vb, _ = blk
       w = _activate(pairwise_scores(q, kb, score), normalization)
       return acc + jnp.einsum("bnc,bcd->bnd", w.astype(v.dtype), vb,
-                              preferred_element_type=jnp.float32), None
+                              preferred_element_type=acc_dtype), None
 
-    acc, _ = jax.lax.scan(body, jnp.zeros((b, n, dv), jnp.float32), xs)
+    acc, _ = jax.lax.scan(body, jnp.zeros((b, n, dv), acc_dtype), xs)
     out = (acc / num_keys).astype(v.dtype)
-    stat = jnp.zeros((b, n), jnp.float32)
+    stat = jnp.zeros((b, n), acc_dtype)
   return out, (q, k, v, out, stat)
 
 
 def _chunked_bwd(score, normalization, chunk_size, residuals, d_out):
   q, k, v, out, stat = residuals
   num_keys = k.shape[1]
-  d_out = d_out.astype(jnp.float32)
+  acc_dtype = accumulator_dtype(q, k, v)
+  d_out = d_out.astype(acc_dtype)
   xs = (_key_blocks(k, chunk_size), _key_blocks(v, chunk_size), _valid_mask(num_keys, chunk_size))
   if normalization == "softmax":
-    delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)  # (B, N)
+    delta = jnp.sum(d_out * out.astype(acc_dtype), axis=-1)  # (B, N)
 
   def body(dq, blk):
     kb, vb, valid = blk
     s = pairwise_scores(q, kb, score)
-    dw = jnp.einsum("bnd,bcd->bnc", d_out, vb, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("bnd,bcd->bnc", d_out, vb, preferred_element_type=acc_dtype)
     if normalization == "softmax":
       w = jnp.where(valid, jnp.exp(s - stat[..., None]), 0.0)
       ds = w * (dw - delta[..., None])
@@ -196,11 +206,11 @@ def _chunked_bwd(score, normalization, chunk_size, residuals, d_out):
       ds = dw / num_keys
       if normalization == "relu_mean":
         ds = jnp.where(s > 0, ds, 0.0)
-    dvb = jnp.einsum("bnc,bnd->bcd", w, d_out, preferred_element_type=jnp.float32)
+    dvb = jnp.einsum("bnc,bnd->bcd", w, d_out, preferred_element_type=acc_dtype)
     dq_blk, dkb = _score_vjp(ds, q, kb, score)
     return dq + dq_blk, (dkb, dvb)
 
-  dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), xs)
+  dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, acc_dtype), xs)
   return (dq.astype(q.dtype), _unblock(dk, num_keys).astype(k.dtype),
           _unblock(dv, num_keys).astype(v.dtype))
 

@@ -4,19 +4,27 @@ A *weights checkpoint* is an orbax checkpoint of a model's parameters and
 BatchNorm statistics (``nnx.Param`` and ``nnx.BatchStat``), written by
 :func:`save_weights`. :func:`load_weights` also reads a training workdir
 (its latest checkpoint's model part), so a run can start from another run.
+Converted checkpoints also hold ``model.json`` (preset name, classes and
+constructor arguments), so :func:`load_model` rebuilds the model they fit:
 
+    model = load_model('/ckpt/i3d_nl5_r50')                  # one call in a notebook
     model = create_model('i3d_nl5_r50', num_classes=400, rngs=nnx.Rngs(0))
-    restore_weights(model, '/ckpt/i3d_nl5_r50')              # one call in a notebook
+    restore_weights(model, '/ckpt/i3d_nl5_r50')              # or into a model of yours
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from nonlocal_jax.models.registry import create_model
 
 WEIGHTS = (nnx.Param, nnx.BatchStat)
 # Top-level modules that form the classifier: left at their fresh init when
@@ -24,6 +32,7 @@ WEIGHTS = (nnx.Param, nnx.BatchStat)
 HEAD_MODULES = ("head", "classifier", "aux_classifier")
 
 Path = tuple[str, ...]
+MODEL_FILE = "model.json"
 
 
 def _key(path) -> Path:
@@ -36,8 +45,13 @@ def weights_of(model: nnx.Module) -> dict[Path, np.ndarray]:
           for path, v in nnx.to_flat_state(nnx.state(model, WEIGHTS))}
 
 
-def save_weights(model_or_weights: nnx.Module | dict[Path, np.ndarray], directory: str) -> None:
-  """Writes the weights as an orbax checkpoint (the directory must not exist yet)."""
+def save_weights(model_or_weights: nnx.Module | dict[Path, np.ndarray], directory: str, *,
+                 model_spec: Mapping[str, Any] | None = None) -> None:
+  """Writes the weights as an orbax checkpoint (the directory must not exist yet).
+
+  `model_spec` (``name``, ``num_classes``, ``kwargs`` of ``create_model``,
+  ``drop_head``) is written beside them as ``model.json`` for :func:`load_model`.
+  """
   weights = (weights_of(model_or_weights) if isinstance(model_or_weights, nnx.Module)
              else model_or_weights)
   directory = os.path.abspath(os.path.expanduser(directory))
@@ -52,6 +66,9 @@ def save_weights(model_or_weights: nnx.Module | dict[Path, np.ndarray], director
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory, tree)
   checkpointer.wait_until_finished()
+  if model_spec is not None:
+    with open(os.path.join(directory, MODEL_FILE), "w") as f:
+      json.dump(dict(model_spec), f, indent=2)
 
 
 def _flatten(tree, prefix: Path = ()) -> dict[Path, np.ndarray]:
@@ -119,3 +136,25 @@ def restore_weights(model: nnx.Module, source: str | dict[Path, np.ndarray], *,
     raise ValueError(f"{len(problems)} weights do not match{hint}:\n  " + "\n  ".join(problems))
   nnx.update(model, nnx.from_flat_state(updates))
   return skipped
+
+
+def load_model(directory: str, **overrides: Any) -> nnx.Module:
+  """The model a converted checkpoint fits, with its weights loaded.
+
+  Reads ``model.json`` (written by ``python -m nonlocal_jax.convert``);
+  `overrides` change constructor arguments that do not touch the weights,
+  e.g. ``dtype=jnp.bfloat16`` or ``head_pool_window=(4, 7, 7)``. A
+  checkpoint written without its classifier keeps a fresh one.
+  """
+  directory = os.path.abspath(os.path.expanduser(directory))
+  spec_file = os.path.join(directory, MODEL_FILE)
+  if not os.path.isfile(spec_file):
+    raise FileNotFoundError(f"{spec_file!r} does not exist: load_model needs a checkpoint "
+                            "written by nonlocal_jax.convert; otherwise build the model with "
+                            "create_model and call restore_weights")
+  with open(spec_file) as f:
+    spec = json.load(f)
+  model = create_model(spec["name"], num_classes=spec["num_classes"], rngs=nnx.Rngs(0),
+                       **{**spec.get("kwargs", {}), **overrides})
+  restore_weights(model, directory, init_head=not spec.get("drop_head", False))
+  return model

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nonlocal_jax import attention
+from nonlocal_jax.normalization import batch_norm
 
 Instantiation = Literal["embedded_gaussian", "gaussian", "dot_product", "concatenation"]
 INSTANTIATIONS = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
@@ -133,7 +134,8 @@ class NonLocalBlock(nnx.Module):
       (official 0.01).
     bn_momentum, bn_epsilon: BatchNorm running-average momentum (Flax
       convention: 0.9 keeps 90% of the old value) and epsilon.
-    dtype: computation dtype (None: inferred). Scores and softmax stay float32.
+    dtype: computation dtype (None: inferred). Scores and softmax stay float32
+      (float64 for float64 inputs).
     param_dtype: parameter dtype.
     capture_attention: if True, sow the attention weights as
       ``nnx.Intermediate`` 'attention_weights' (read them with
@@ -217,7 +219,7 @@ class NonLocalBlock(nnx.Module):
     out_init = init if final_norm == "batch_norm" else nnx.initializers.zeros_init()
     self.out = linear(inner_features, in_features, use_out_bias, out_init)
     if final_norm == "batch_norm":
-      self.bn = nnx.BatchNorm(
+      self.bn = batch_norm(
           in_features, momentum=bn_momentum, epsilon=bn_epsilon,
           scale_init=nnx.initializers.zeros_init(), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -285,7 +287,7 @@ class NonLocalBlock(nnx.Module):
       self.sow(nnx.Intermediate, "attention_weights",
                w if grids is None else w.reshape(w.shape[0], *grids[0], *grids[1]))
       return jnp.einsum("bnm,bmd->bnd", w.astype(v.dtype), v,
-                        preferred_element_type=jnp.float32).astype(v.dtype)
+                        preferred_element_type=attention.accumulator_dtype(w, v)).astype(v.dtype)
     path = self.attention_path
     if path == "auto":
       path = "chunked" if attention.einsum_bytes(q, k) > self.auto_threshold_bytes else "einsum"

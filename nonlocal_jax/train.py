@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nonlocal_jax import checkpoints, input_pipeline
-from nonlocal_jax.models import create_model
+from nonlocal_jax.models import create_model, eval_mode
 from nonlocal_jax.models.segmentation import slide_inference
 from nonlocal_jax.tasks import Task
 
@@ -138,7 +138,7 @@ def eval_step(graphdef: nnx.GraphDef, task: Task, forward: Callable, state: Stat
               batch: dict) -> tuple[metrics.Collection, dict]:
   """Masked metrics of one eval batch with running BN statistics and no dropout."""
   model, _ = nnx.merge(graphdef, state)
-  model = nnx.view(model, deterministic=True, use_running_average=True)
+  model = eval_mode(model)
   return task.eval_metrics(forward(model, batch["inputs"]), batch)
 
 

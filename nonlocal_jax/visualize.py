@@ -34,6 +34,7 @@ from PIL import Image  # noqa: E402
 
 from nonlocal_jax import checkpoints, input_pipeline, train  # noqa: E402
 from nonlocal_jax.data import video_decode  # noqa: E402
+from nonlocal_jax.models import eval_mode  # noqa: E402
 from nonlocal_jax.preprocessing import image as image_ops  # noqa: E402
 from nonlocal_jax.preprocessing import video as video_ops  # noqa: E402
 
@@ -43,7 +44,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 def attention_maps(model: nnx.Module, inputs: jnp.ndarray) -> dict[str, np.ndarray]:
   """{block path: weights (B, *query grid, *key grid)} of every non-local block, eval mode."""
-  model = nnx.view(model, deterministic=True, use_running_average=True, capture_attention=True)
+  model = nnx.view(eval_mode(model), capture_attention=True)
   _, intermediates = nnx.capture(model, nnx.Intermediate)(inputs)
   maps = {}
   for path, value in nnx.to_flat_state(intermediates):

@@ -21,12 +21,13 @@ from PIL import Image
 
 from nonlocal_jax import input_pipeline, train
 from nonlocal_jax.data import video_decode
-from nonlocal_jax.models import get_spec, list_models
+from nonlocal_jax.models import eval_mode, get_spec, list_models
 
 CONFIGS = [
     ("default", ""), ("default", "baseline"),
     ("kinetics", "i3d_nl5_r50_8x8"), ("kinetics", "c2d_nl10_r101_32x2"),
     ("kinetics", "c2d_baseline_r50_8x8"), ("kinetics", "i3d_nl1_r101_8x8"),
+    ("kinetics", "i3d_nl5_r50_32x4_affine"),
     ("charades", "i3d_nl5_r101"), ("ucf101", "i3d_nl5_r50"),
     ("imagenet", "resnet50_nl5"), ("cifar10", ""), ("cifar10", "baseline"),
     ("segmentation", "cityscapes_r50_512x1024_40k"), ("segmentation", "cityscapes_r101_769x769_80k"),
@@ -163,7 +164,7 @@ def test_config_builds_model_and_pipeline(name, variant, tmp_path, monkeypatch):
   logits = outputs[0] if isinstance(outputs, tuple) else outputs
   assert logits.shape[-1] == config.num_classes
   forward = train.eval_forward_fn(config, train.Task(config))
-  eval_model = nnx.view(model, deterministic=True, use_running_average=True)
+  eval_model = eval_mode(model)
   graphdef, state = nnx.split(eval_model)
   outputs = jax.eval_shape(lambda s, x: forward(nnx.merge(graphdef, s), x), state,
                            jax.ShapeDtypeStruct(eval_batch["inputs"].shape, jnp.float32))
@@ -173,6 +174,7 @@ def test_config_builds_model_and_pipeline(name, variant, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name,variant,match", [
     ("kinetics", "i3d_nl7_r50_8x8", "i3d_nl7_r50_8x8"),
+    ("kinetics", "i3d_nl5_r50_8x8_frozen", "i3d_nl5_r50_8x8_frozen"),
     ("segmentation", "cityscapes_r50_512x512_40k", "cityscapes_r50_512x512_40k"),
     ("default", "big", "'big'"),
     ("charades", "i3d_nl10_r101", "i3d_nl10_r101"),
@@ -208,7 +210,7 @@ def all_variants():
 
 def test_every_variant_names_a_registered_model():
   variants = all_variants()
-  assert len(variants) == 32 + 16 + 8 + 16 + 16 + 10
+  assert len(variants) == 64 + 16 + 8 + 16 + 16 + 10
   for name, variant in variants:
     config = load_config(name, variant)
     get_spec(config.model.name)  # raises for an unknown model

@@ -110,6 +110,15 @@ def get_spec(name: str) -> ModelSpec:
   return _REGISTRY[name]
 
 
+def eval_mode(model: nnx.Module) -> nnx.Module:
+  """A view of `model` for inference: no dropout, BN with running statistics.
+
+  Also for models without BatchNorm (``norm='affine'`` with non-local blocks
+  without BN), which plain ``nnx.view(..., use_running_average=True)`` rejects.
+  """
+  return nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
+
+
 def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides: Any) -> nnx.Module:
   """Builds the preset `name` with `num_classes` outputs.
 

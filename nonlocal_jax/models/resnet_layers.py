@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nonlocal_jax.nonlocal_block import NonLocalBlock
+from nonlocal_jax.normalization import batch_norm
 
 Norm = Literal["batch_norm", "affine"]
 NORMS = ("batch_norm", "affine")
@@ -49,8 +50,8 @@ def make_norm(num_features: int, norm: Norm, *, zero_init: bool = False, dtype=N
   scale_init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.ones_init()
   if norm == "affine":
     return FrozenAffine(num_features, scale_init=scale_init, param_dtype=param_dtype, rngs=rngs)
-  return nnx.BatchNorm(num_features, momentum=0.9, epsilon=1e-5, scale_init=scale_init,
-                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  return batch_norm(num_features, momentum=0.9, epsilon=1e-5, scale_init=scale_init,
+                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 STAGE_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -241,7 +242,8 @@ class ClassificationHead(nnx.Module):
       raise ValueError(f"head pool_window={self.pool_window} does not fit features of shape "
                        f"{x.shape}; the input clip is too small for this model")
     x = nnx.avg_pool(x, self.pool_window, strides=(1,) * len(position_axes), padding="VALID")
-    logits = self.projection(self.dropout(x)).astype(jnp.float32)
+    logits = self.projection(self.dropout(x))
+    logits = logits.astype(jnp.promote_types(jnp.float32, logits.dtype))
     if self.deterministic:
       probs = jax.nn.softmax(logits, axis=-1).mean(axis=position_axes)
       return jnp.log(probs)

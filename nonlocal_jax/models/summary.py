@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nonlocal_jax.models.registry import create_model, get_spec, list_models
+from nonlocal_jax.models.registry import create_model, eval_mode, get_spec, list_models
 
 NUM_CLASSES = {"video": 400, "image": 1000, "segmentation": 19}
 
@@ -27,7 +27,7 @@ def summarize(name: str) -> dict:
   num_classes = NUM_CLASSES[spec.task]
   model = nnx.eval_shape(lambda: create_model(name, num_classes=num_classes, rngs=nnx.Rngs(0)))
   params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  graphdef, state = nnx.split(nnx.view(model, deterministic=True, use_running_average=True))
+  graphdef, state = nnx.split(eval_mode(model))
   x = jax.ShapeDtypeStruct((1, *spec.input_shape), jnp.float32)
   lowered = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x)
   return dict(name=name, task=spec.task, input_shape=list(spec.input_shape),

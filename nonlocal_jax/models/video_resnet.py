@@ -60,9 +60,15 @@ class VideoResNet(nnx.Module):
       by a non-local block, e.g. ((), (1, 3), (1, 3, 5), ()) for NL5 R50.
     nonlocal_options: keyword arguments of every NonLocalBlock (instantiation,
       pool_window, attention_path, ...).
+    nonlocal_stage_options: per-stage overrides of `nonlocal_options` for
+      res2..res5, e.g. ({}, {'temporal_group_size': 4}, {}, {}) for the
+      official frozen-BN long-clip models, whose res3 blocks attend within
+      groups of 4 frames.
     width: channels of the stem (64); stage widths follow as 4x, 8x, 16x, 32x.
     stem_pool_padding: ``'caffe2'`` (pad 0: 112 -> 55, official code) or
       ``'pyslowfast'`` (pad 0,1,1: 112 -> 56).
+    temporal_pool: the 2x1x1 max pool after res2 (False: PySlowFast
+      ``C2D_NOPOOL``, which keeps every frame up to res5).
     dropout_rate: dropout before the classifier (0.5).
     head_pool_window: None for global average pooling, or the official
       fixed window (e.g. (4, 7, 7)) for fully-convolutional testing.
@@ -82,8 +88,10 @@ class VideoResNet(nnx.Module):
       clip: Literal["8x8", "32x2"] = "8x8",
       nonlocal_blocks: Sequence[Sequence[int]] = ((), (), (), ()),
       nonlocal_options: Mapping[str, Any] | None = None,
+      nonlocal_stage_options: Sequence[Mapping[str, Any]] | None = None,
       width: int = 64,
       stem_pool_padding: Literal["caffe2", "pyslowfast"] = "caffe2",
+      temporal_pool: bool = True,
       dropout_rate: float = 0.5,
       head_pool_window: Sequence[int] | None = None,
       norm: Norm = "batch_norm",
@@ -99,6 +107,11 @@ class VideoResNet(nnx.Module):
       if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {choices}")
     stage_depths = resolve_stage_depths(depth, stage_depths, nonlocal_blocks)
+    stage_options = tuple(nonlocal_stage_options or ({},) * 4)
+    if len(stage_options) != 4:
+      raise ValueError(f"nonlocal_stage_options needs one mapping per stage res2..res5, got "
+                       f"{len(stage_options)}: {stage_options!r}")
+    self.temporal_pool = temporal_pool
     common = dict(norm=norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     stem_t = 5 if arch == "i3d" else 1
@@ -111,8 +124,8 @@ class VideoResNet(nnx.Module):
 
     stages = []
     in_features = width
-    for s, (n, kernels, nl) in enumerate(
-        zip(stage_depths, temporal_kernels(arch, stage_depths), nonlocal_blocks)):
+    for s, (n, kernels, nl, options) in enumerate(zip(
+        stage_depths, temporal_kernels(arch, stage_depths), nonlocal_blocks, stage_options)):
       inner = width * 2**s
       if inflation == "3x1x1":
         a_kernels, b_kernels = [(kt, 1, 1) for kt in kernels], [(1, 3, 3)] * n
@@ -121,7 +134,7 @@ class VideoResNet(nnx.Module):
       stages.append(ResStage(
           in_features, inner, 4 * inner, a_kernels=a_kernels, b_kernels=b_kernels,
           stride=(1, 1, 1) if s == 0 else (1, 2, 2), dilations=[(1, 1, 1)] * n,
-          nonlocal_indices=tuple(nl), nonlocal_options=nonlocal_options,
+          nonlocal_indices=tuple(nl), nonlocal_options={**(nonlocal_options or {}), **options},
           zero_init_residual=zero_init_residual, **common))
       in_features = 4 * inner
     self.stages = nnx.List(stages)
@@ -130,14 +143,17 @@ class VideoResNet(nnx.Module):
                                    param_dtype=param_dtype, rngs=rngs)
 
   def features(self, x: jax.Array) -> jax.Array:
-    """(B, T, H, W, C) -> res5 features (B, T/2 (/8 for 32x2), H/32, W/32, 32 * width)."""
+    """(B, T, H, W, C) -> res5 features (B, T/2 (/8 for 32x2), H/32, W/32, 32 * width).
+
+    Without the temporal pool after res2, T is not halved there.
+    """
     if x.ndim != 5:
       raise ValueError(f"video models take (B, T, H, W, C) clips; got shape {x.shape}")
     x = nnx.relu(self.stem(x))
     x = nnx.max_pool(x, self.stem_pool_window, self.stem_pool_stride, self.stem_pool_padding)
     for s, stage in enumerate(self.stages):
       x = stage(x)
-      if s == 0:  # Caffe2 pool2 / PySlowFast pathway0_pool: halve T after res2
+      if s == 0 and self.temporal_pool:  # Caffe2 pool2 / PySlowFast pathway0_pool
         if x.shape[1] < 2:
           raise ValueError(f"the clip is too short: {x.shape[1]} frame(s) reach the temporal "
                            "pool after res2, which needs at least 2")
