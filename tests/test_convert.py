@@ -113,6 +113,10 @@ def test_pyslowfast_i3d_nl5(tmp_path, dtype):
   with torch.no_grad():
     probabilities = net(to_torch(x))  # eval mode: PySlowFast's head returns softmax
   close(jax.nn.log_softmax(run_ours(model, x)), probabilities.log(), dtype)
+  if dtype == "float32":  # the same weights with the official code's pool1 padding differ
+    official = checkpoints.load_model(output, stem_pool_padding="caffe2")
+    gap = np.abs(jax.nn.log_softmax(run_ours(official, x)) - probabilities.log().numpy()).max()
+    assert gap > 10 * TOLERANCE[dtype]
 
 
 # ---------------------------------------------------------------- Caffe2
@@ -213,15 +217,23 @@ def test_python2_pickle_is_what_python3_reads_with_latin1(tmp_path):
     assert loaded["blobs"][k].dtype == v.dtype
 
 
-@pytest.mark.parametrize("arch,clip", [("i3d", "8x8"), ("c2d", "32x2")])
-def test_caffe2(tmp_path, dtype, arch, clip):
+# Official placements (spec 2.3): R50 res3 1, 3 and res4 1, 3, 5; R101 res4 6, 13, 20.
+OFFICIAL_NL5 = {50: ((), (1, 3), (1, 3, 5), ()), 101: ((), (1, 3), (6, 13, 20), ())}
+
+
+@pytest.mark.parametrize("arch,clip,depth,nonlocal_", [
+    ("i3d", "8x8", 50, True), ("c2d", "32x2", 50, True), ("c2d", "8x8", 101, True),
+    ("i3d", "8x8", 50, False)])
+def test_caffe2(tmp_path, dtype, arch, clip, depth, nonlocal_):
   frames = 8 if clip == "8x8" else 16
   x = video_input(dtype, frames=frames)
-  net = TorchVideoResNet(arch, 50, 5, dropout=0.0, clip=clip, **TINY_R50)
+  placement = OFFICIAL_NL5[depth] if nonlocal_ else ((), (), (), ())
+  net = TorchVideoResNet(arch, depth, 5, placement, dropout=0.0, clip=clip, **TINY_R50)
   net = randomize(net.to(TORCH_DTYPES[dtype]), to_torch(x))
   path = tmp_path / "model.pkl"
   write_caffe2_pkl(path, caffe2_blobs(net))
-  name = f"{arch}_nl5_r50" + ("_32x2" if clip == "32x2" else "")
+  name = (f"{arch}_nl5_r{depth}" if nonlocal_ else f"{arch}_r{depth}") + (
+      "_32x2" if clip == "32x2" else "")
   output = run_cli(tmp_path, "caffe2", name, path, "--model_kwargs", json.dumps(TINY_R50))
   model = checkpoints.load_model(output, param_dtype=jnp.dtype(dtype))
   with torch.no_grad():
