@@ -23,6 +23,7 @@ from flax import nnx
 
 from nonlocal_jax import attention
 from nonlocal_jax.normalization import batch_norm
+from nonlocal_jax.pooling import max_pool
 
 Instantiation = Literal["embedded_gaussian", "gaussian", "dot_product", "concatenation"]
 INSTANTIATIONS = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
@@ -46,11 +47,6 @@ _KERNELS = {
 def _check_choice(name: str, value, choices) -> None:
   if value not in choices:
     raise ValueError(f"{name}={value!r} is not supported; choose one of {choices}")
-
-
-def max_pool(x: jax.Array, window: Sequence[int]) -> jax.Array:
-  """Non-overlapping max pooling over the position axes of (B, *positions, C), VALID."""
-  return nnx.max_pool(x, tuple(window), strides=tuple(window), padding="VALID")
 
 
 def _fold_local_axes(x: jax.Array, local_axes: Sequence[int], cells: Sequence[int]) -> jax.Array:

@@ -20,6 +20,7 @@ from flax import nnx
 
 from nonlocal_jax.models.resnet_layers import (ClassificationHead, ConvNorm, Norm, ResStage,
                                                resolve_stage_depths)
+from nonlocal_jax.pooling import max_pool
 
 
 class ImageResNet(nnx.Module):
@@ -78,7 +79,7 @@ class ImageResNet(nnx.Module):
     if x.ndim != 4:
       raise ValueError(f"image models take (B, H, W, C) images; got shape {x.shape}")
     x = nnx.relu(self.stem(x))
-    x = nnx.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     for stage in self.stages:
       x = stage(x)
     return x

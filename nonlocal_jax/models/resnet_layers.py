@@ -74,6 +74,11 @@ def _as_tuple(value: int | Sequence[int], rank: int) -> tuple[int, ...]:
   return (value,) * rank if isinstance(value, int) else tuple(value)
 
 
+def _pointwise(x: jax.Array, w: jax.Array) -> jax.Array:
+  """(..., I) @ (I, O) as one 2D matmul (a rank-5 contraction costs XLA transposes in backward)."""
+  return (x.reshape(-1, w.shape[0]) @ w).reshape(*x.shape[:-1], w.shape[1])
+
+
 class ConvNorm(nnx.Module):
   """Convolution (no bias, 'same'-style symmetric padding) followed by a norm.
 
@@ -97,9 +102,11 @@ class ConvNorm(nnx.Module):
   def convolve(self, x: jax.Array) -> jax.Array:
     """The convolution alone, lowered to what XLA runs fastest (same result as ``self.conv``).
 
-    Pointwise kernels become a matmul on the strided positions; 1 x kh x kw
-    kernels on videos become a 2D convolution with time folded into the batch
-    (XLA's CPU conv3d is much slower than both; see docs/benchmarks.md).
+    XLA's CPU conv3d, and the transposes its gradients need, are much slower
+    than matmuls (docs/benchmarks.md), so: pointwise kernels become one 2D
+    matmul on the flattened (strided) positions; kt x 1 x 1 kernels (I3D)
+    become kt such matmuls on time-shifted slices, summed; 1 x kh x kw kernels
+    on videos become a 2D convolution with time folded into the batch.
     """
     conv = self.conv
     kernel = conv.kernel[...]
@@ -108,7 +115,12 @@ class ConvNorm(nnx.Module):
     spatial = kernel.shape[:-2]
     if all(k == 1 for k in spatial):
       x = x[(slice(None), *(slice(None, None, s) for s in conv.strides))]
-      return jnp.einsum("...i,io->...o", x, kernel.reshape(kernel.shape[-2:]))
+      return _pointwise(x, kernel.reshape(kernel.shape[-2:]))
+    if len(spatial) == 3 and spatial[1:] == (1, 1) and conv.strides == (1, 1, 1) and (
+        conv.kernel_dilation[0] == 1):
+      x = jnp.pad(x, ((0, 0), conv.padding[0], (0, 0), (0, 0), (0, 0)))
+      steps = x.shape[1] - spatial[0] + 1
+      return sum(_pointwise(x[:, k:k + steps], kernel[k, 0, 0]) for k in range(spatial[0]))
     if len(spatial) == 3 and spatial[0] == 1 and conv.strides[0] == 1:
       b, t = x.shape[:2]
       y = jax.lax.conv_general_dilated(

@@ -25,6 +25,7 @@ from flax import nnx
 
 from nonlocal_jax.models.resnet_layers import ConvNorm, Norm, ResStage, resolve_stage_depths
 from nonlocal_jax.nonlocal_block import NonLocalBlock
+from nonlocal_jax.pooling import max_pool
 
 
 class ConvNormReLU(ConvNorm):
@@ -133,7 +134,7 @@ class NonLocalSegmenter(nnx.Module):
       raise ValueError(f"segmentation models take (B, H, W, C) images; got shape {x.shape}")
     for layer in self.stem:
       x = layer(x)
-    x = nnx.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     outputs = []
     for stage in self.stages:
       x = stage(x)

@@ -27,6 +27,7 @@ from flax import nnx
 
 from nonlocal_jax.models.resnet_layers import (ClassificationHead, ConvNorm, Norm, ResStage,
                                                resolve_stage_depths)
+from nonlocal_jax.pooling import max_pool
 
 ARCHS = ("c2d", "i3d")
 INFLATIONS = ("3x1x1", "3x3x3")
@@ -150,14 +151,14 @@ class VideoResNet(nnx.Module):
     if x.ndim != 5:
       raise ValueError(f"video models take (B, T, H, W, C) clips; got shape {x.shape}")
     x = nnx.relu(self.stem(x))
-    x = nnx.max_pool(x, self.stem_pool_window, self.stem_pool_stride, self.stem_pool_padding)
+    x = max_pool(x, self.stem_pool_window, self.stem_pool_stride, self.stem_pool_padding)
     for s, stage in enumerate(self.stages):
       x = stage(x)
       if s == 0 and self.temporal_pool:  # Caffe2 pool2 / PySlowFast pathway0_pool
         if x.shape[1] < 2:
           raise ValueError(f"the clip is too short: {x.shape[1]} frame(s) reach the temporal "
                            "pool after res2, which needs at least 2")
-        x = nnx.max_pool(x, (2, 1, 1), (2, 1, 1), "VALID")
+        x = max_pool(x, (2, 1, 1))
     return x
 
   def __call__(self, x: jax.Array) -> jax.Array:
