@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_step                                 # 4 models, 8x112x112, batch 4
     python -m benchmarks.train_step --models i3d_nl5_r50 --crop 160 --json out.json
+    python -m benchmarks.train_step --dtype bfloat16 --no_torch   # our bf16 compute alone
 
 The JAX side is the real ``train.train_step`` (SGD, Nesterov, masked weight
 decay, BN in training mode, state donated) on one device; the PyTorch side
@@ -37,17 +38,19 @@ MODELS = {  # registry name: (torch arch, NL placement)
 }
 
 
-def step_config(model: str, batch: int) -> ml_collections.ConfigDict:
+def step_config(model: str, batch: int, dtype: str = "float32") -> ml_collections.ConfigDict:
   config = common.base_config()
   config.model.name = model
+  config.compute_dtype = dtype
   config.num_classes = 400
   config.batch_size = batch
   config.learning_rate = 0.01
   return config
 
 
-def jax_throughput(model: str, batch: int, frames: int, crop: int, repeats: int) -> dict:
-  config = step_config(model, batch)
+def jax_throughput(model: str, batch: int, frames: int, crop: int, repeats: int,
+                   dtype: str = "float32") -> dict:
+  config = step_config(model, batch, dtype)
   lr_fn = train.create_learning_rate_fn(config)
   mesh = train.create_mesh(jax.devices()[:1])
   graphdef, state, shardings = train.create_train_state(config, lr_fn, mesh)
@@ -101,19 +104,24 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--frames", type=int, default=8)
   parser.add_argument("--crop", type=int, default=112)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="our compute dtype (parameters stay float32)")
+  parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
   parser.add_argument("--json")
   args = parser.parse_args(argv)
   shape = (args.batch, args.frames, args.crop)
   print(f"# train step, batch {args.batch}, clips {args.frames}x{args.crop}x{args.crop}, "
-        f"{os.cpu_count()} cores, jax {jax.__version__}")
+        f"{os.cpu_count()} cores, jax {jax.__version__}, ours in {args.dtype}")
   print(f"{'model':14} {'jax clips/s':>12} {'torch clips/s':>14} {'ratio':>6} "
         f"{'jax peak MB':>12} {'torch RSS+ MB':>14}")
   rows = []
   for model in args.models:
-    ours = jax_throughput(model, *shape, args.repeats)
-    theirs = torch_throughput(model, *shape, args.repeats)
+    ours = jax_throughput(model, *shape, args.repeats, args.dtype)
+    theirs = ({"clips_per_s": float("nan"), "peak_rss_growth_bytes": float("nan")}
+              if args.no_torch else torch_throughput(model, *shape, args.repeats))
     ratio = ours["clips_per_s"] / theirs["clips_per_s"]
-    rows.append({"model": model, "shape": shape, "jax": ours, "torch": theirs, "ratio": ratio})
+    rows.append({"model": model, "shape": shape, "dtype": args.dtype, "jax": ours,
+                 "torch": theirs, "ratio": ratio})
     print(f"{model:14} {ours['clips_per_s']:12.2f} {theirs['clips_per_s']:14.2f} {ratio:6.2f} "
           f"{ours['peak_bytes'] / 2**20:12.0f} {theirs['peak_rss_growth_bytes'] / 2**20:14.0f}")
   if args.json:

@@ -13,6 +13,7 @@ variants are options (see the constructor).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -47,6 +48,11 @@ _KERNELS = {
 def _check_choice(name: str, value, choices) -> None:
   if value not in choices:
     raise ValueError(f"{name}={value!r} is not supported; choose one of {choices}")
+
+
+def _project(linear: nnx.Linear, x: jax.Array) -> jax.Array:
+  """A 1x1 projection of (B, *positions, C) as one 2D matmul (cheaper backward on XLA CPU)."""
+  return linear(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], linear.out_features)
 
 
 def _fold_local_axes(x: jax.Array, local_axes: Sequence[int], cells: Sequence[int]) -> jax.Array:
@@ -257,14 +263,16 @@ class NonLocalBlock(nnx.Module):
   def _embed(self, x: jax.Array, window: tuple[int, ...] | None):
     """Returns theta (queries), phi (keys), g (values) on position grids."""
     pool = (lambda t: max_pool(t, window)) if window else (lambda t: t)
+    g = functools.partial(_project, self.g)
     if self.instantiation == "gaussian":
       keys_in = pool(x)
-      return x, keys_in, self.g(keys_in) if self.pool_position == "before" else pool(self.g(x))
-    theta = self.theta(x)
+      return x, keys_in, g(keys_in) if self.pool_position == "before" else pool(g(x))
+    phi = functools.partial(_project, self.phi)
+    theta = _project(self.theta, x)
     if self.pool_position == "before":
       x_pooled = pool(x)
-      return theta, self.phi(x_pooled), self.g(x_pooled)
-    return theta, pool(self.phi(x)), pool(self.g(x))
+      return theta, phi(x_pooled), g(x_pooled)
+    return theta, pool(phi(x)), pool(g(x))
 
   def _pairwise_inputs(self, theta: jax.Array, phi: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Queries and keys as the attention kernels take them (scale and w_f folded in)."""
@@ -336,7 +344,7 @@ class NonLocalBlock(nnx.Module):
     y = _unfold_local_axes(y, xg.shape[0], query_grid, local_axes, cells)
     y = y.reshape(batch, *positions, y.shape[-1])
 
-    out = self.out(y)
+    out = _project(self.out, y)
     if self.final_norm == "batch_norm":
       out = self.bn(out)
     return x + out
