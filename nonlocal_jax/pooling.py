@@ -4,20 +4,55 @@ Same values as ``nnx.max_pool``. XLA differentiates ``reduce_window`` max
 through a variadic reduce-window that carries argmax indices (big iota
 arrays); on CPU that was 14% of an I3D-NL5 train step. Here each axis is
 pooled in turn as the elementwise maximum of contiguous slices of a
-(blocks, stride) view, whose gradients are selects and pads. Where several
-entries of a window tie for the maximum, the gradient is shared among them
-instead of going to one (only ties matter, e.g. zeros after a ReLU, whose
-gradient is zero anyway).
+(blocks, stride) view, with a custom gradient of selects and pads. Where
+entries of a window tie for the maximum (flat image regions), the gradient
+goes to the first of them, as in PyTorch and Caffe2 (``jnp.maximum`` would
+split it).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 Padding = str | Sequence[tuple[int, int]]
+
+
+def _window_slices(x: jax.Array, axis: int, window: int, stride: int,
+                   size: int) -> list[jax.Array]:
+  """The `window` offsets of a (blocks, stride)-split axis, each a contiguous slice."""
+  return [jax.lax.index_in_dim(
+      jax.lax.slice_in_dim(x, offset // stride, offset // stride + size, axis=axis),
+      offset % stride, axis=axis + 1, keepdims=False) for offset in range(window)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_of_slices(x: jax.Array, axis: int, window: int, stride: int, size: int) -> jax.Array:
+  return functools.reduce(jnp.maximum, _window_slices(x, axis, window, stride, size))
+
+
+def _max_of_slices_fwd(x, axis, window, stride, size):
+  y = _max_of_slices(x, axis, window, stride, size)
+  return y, (x, y)
+
+
+def _max_of_slices_bwd(axis, window, stride, size, residuals, dy):
+  """The gradient goes to the first maximal entry of each window, as in PyTorch and Caffe2."""
+  x, y = residuals
+  parts, unslice = jax.vjp(lambda v: _window_slices(v, axis, window, stride, size), x)
+  taken = jnp.zeros(y.shape, bool)
+  grads = []
+  for part in parts:
+    first = (part == y) & ~taken
+    taken = taken | first
+    grads.append(jnp.where(first, dy, jnp.zeros_like(dy)))
+  return unslice(grads)
+
+
+_max_of_slices.defvjp(_max_of_slices_fwd, _max_of_slices_bwd)
 
 
 def _max_along(x: jax.Array, axis: int, window: int, stride: int, size: int) -> jax.Array:
@@ -37,20 +72,16 @@ def _max_along(x: jax.Array, axis: int, window: int, stride: int, size: int) -> 
                 constant_values=-jnp.inf)
   x = jax.lax.slice_in_dim(x, 0, length, axis=axis)
   x = x.reshape(*x.shape[:axis], blocks, stride, *x.shape[axis + 1:])
-  result = None
-  for offset in range(window):
-    start = offset // stride
-    part = jax.lax.index_in_dim(jax.lax.slice_in_dim(x, start, start + size, axis=axis),
-                                offset % stride, axis=axis + 1, keepdims=False)
-    result = part if result is None else jnp.maximum(result, part)
-  return result
+  return _max_of_slices(x, axis, window, stride, size)
 
 
 def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int] | None = None,
              padding: Padding = "VALID") -> jax.Array:
   """(B, *positions, C) -> (B, *pooled, C); `padding` is 'VALID' or (low, high) per axis.
 
-  Pools one axis at a time (max is separable), each as :func:`_max_along`.
+  Pools one axis at a time (max is separable), each as :func:`_max_along`;
+  at ties the gradient goes to the window's first maximal entry in row-major
+  order, as PyTorch's and Caffe2's max pooling do.
   """
   window = tuple(window)
   strides = window if strides is None else tuple(strides)
@@ -65,6 +96,7 @@ def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int] | None 
   out = [(n - k) // s + 1 for n, k, s in zip(sizes, window, strides)]
   if any(o < 1 for o in out):
     raise ValueError(f"max_pool: window {window} is larger than the (padded) positions {sizes}")
-  for axis, (k, s, o) in enumerate(zip(window, strides, out)):
-    x = _max_along(x, axis + 1, k, s, o)
+  # Last axis first: at ties the gradient then goes to the first entry in row-major order.
+  for axis in reversed(range(rank)):
+    x = _max_along(x, axis + 1, window[axis], strides[axis], out[axis])
   return x
