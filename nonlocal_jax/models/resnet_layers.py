@@ -103,10 +103,12 @@ class ConvNorm(nnx.Module):
     """The convolution alone, lowered to what XLA runs fastest (same result as ``self.conv``).
 
     XLA's CPU conv3d, and the transposes its gradients need, are much slower
-    than matmuls (docs/benchmarks.md), so: pointwise kernels become one 2D
-    matmul on the flattened (strided) positions; kt x 1 x 1 kernels (I3D)
-    become kt such matmuls on time-shifted slices, summed; 1 x kh x kw kernels
-    on videos become a 2D convolution with time folded into the batch.
+    than matmuls and 2D convolutions (docs/benchmarks.md), so: pointwise
+    kernels become one 2D matmul on the flattened (strided) positions;
+    kt x 1 x 1 kernels (I3D) become kt such matmuls on time-shifted slices,
+    summed; other video kernels (1 x 3 x 3, the I3D 5 x 7 x 7 stem, 3 x 3 x 3)
+    become one 2D convolution with time folded into the batch and the kt
+    time-shifted (strided) frames stacked on the channels.
     """
     conv = self.conv
     kernel = conv.kernel[...]
@@ -121,12 +123,20 @@ class ConvNorm(nnx.Module):
       x = jnp.pad(x, ((0, 0), conv.padding[0], (0, 0), (0, 0), (0, 0)))
       steps = x.shape[1] - spatial[0] + 1
       return sum(_pointwise(x[:, k:k + steps], kernel[k, 0, 0]) for k in range(spatial[0]))
-    if len(spatial) == 3 and spatial[0] == 1 and conv.strides[0] == 1:
-      b, t = x.shape[:2]
+    if len(spatial) == 3 and conv.kernel_dilation[0] == 1:
+      # Time taps stacked on the channels: one 2D convolution, time folded into the batch.
+      taps, stride = spatial[0], conv.strides[0]
+      if taps > 1:
+        x = jnp.pad(x, ((0, 0), conv.padding[0], (0, 0), (0, 0), (0, 0)))
+      steps = (x.shape[1] - taps) // stride + 1
+      x = jnp.concatenate([x[:, k:k + stride * (steps - 1) + 1:stride] for k in range(taps)],
+                          axis=-1)
+      kernel = jnp.moveaxis(kernel, 0, 2).reshape(*spatial[1:], -1, kernel.shape[-1])
+      b = x.shape[0]
       y = jax.lax.conv_general_dilated(
-          x.reshape(b * t, *x.shape[2:]), kernel[0], conv.strides[1:], conv.padding[1:],
+          x.reshape(b * steps, *x.shape[2:]), kernel, conv.strides[1:], conv.padding[1:],
           rhs_dilation=conv.kernel_dilation[1:], dimension_numbers=("NHWC", "HWIO", "NHWC"))
-      return y.reshape(b, t, *y.shape[1:])
+      return y.reshape(b, steps, *y.shape[1:])
     return conv(x)
 
   def __call__(self, x: jax.Array) -> jax.Array:
