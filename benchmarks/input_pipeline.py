@@ -17,21 +17,19 @@ every core here; on an accelerator the pipeline has the CPU to itself.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.timing import median_seconds
+from benchmarks.train_step import jitted_step
 from configs import kinetics
-from nonlocal_jax import input_pipeline, train
+from nonlocal_jax import input_pipeline
 from nonlocal_jax.data import video_decode
-from nonlocal_jax.tasks import Task
 
 
 def write_videos(root: str, count: int, seconds: float, size: tuple[int, int], fps: int) -> None:
@@ -79,13 +77,7 @@ def train_step_throughput(config, model: str, batch: int, repeats: int) -> float
   config.model.kwargs.head_pool_window = None
   config.num_classes = 400
   config.batch_size = batch
-  lr_fn = train.create_learning_rate_fn(config)
-  mesh = train.create_mesh(jax.devices()[:1])
-  graphdef, state, _ = train.create_train_state(config, lr_fn, mesh)
-  step = jax.jit(functools.partial(train.train_step, graphdef, Task(config), lr_fn),
-                 donate_argnums=0)
-  shape = (batch, config.input.num_frames, config.input.crop_size, config.input.crop_size, 3)
-  data = {"inputs": jnp.zeros(shape, jnp.float32), "label": jnp.zeros((batch,), jnp.int32)}
+  step, state, data = jitted_step(config, config.input.num_frames, config.input.crop_size)
   holder = {"state": state}
 
   def run():

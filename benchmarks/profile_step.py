@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import glob
 import gzip
 import json
@@ -24,26 +23,15 @@ import re
 import tempfile
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from benchmarks.train_step import step_config
-from nonlocal_jax import train
-from nonlocal_jax.tasks import Task
+from benchmarks.train_step import jitted_step, step_config
 
 _SKIP = ("ThunkExecutor", "ThreadpoolListener", "Slinky", "$")
 
 
 def trace_step(model: str, batch: int, frames: int, crop: int, trace_dir: str) -> str:
   """Runs two traced steps; returns the compiled step's HLO text."""
-  config = step_config(model, batch)
-  lr_fn = train.create_learning_rate_fn(config)
-  mesh = train.create_mesh(jax.devices()[:1])
-  graphdef, state, _ = train.create_train_state(config, lr_fn, mesh)
-  step = jax.jit(functools.partial(train.train_step, graphdef, Task(config), lr_fn),
-                 donate_argnums=0)
-  data = {"inputs": jnp.asarray(np.random.default_rng(0).normal(
-      size=(batch, frames, crop, crop, 3)), jnp.float32), "label": jnp.zeros((batch,), jnp.int32)}
+  step, state, data = jitted_step(step_config(model, batch), frames, crop)
   hlo = step.lower(state, data).compile().as_text()
   for _ in range(2):
     state, _ = step(state, data)

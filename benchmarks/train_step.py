@@ -48,26 +48,31 @@ def step_config(model: str, batch: int, dtype: str = "float32") -> ml_collection
   return config
 
 
-def jax_throughput(model: str, batch: int, frames: int, crop: int, repeats: int,
-                   dtype: str = "float32") -> dict:
-  config = step_config(model, batch, dtype)
+def jitted_step(config: ml_collections.ConfigDict, frames: int, crop: int):
+  """Our donated, jitted train step on one device, its initial state and a random batch."""
   lr_fn = train.create_learning_rate_fn(config)
   mesh = train.create_mesh(jax.devices()[:1])
-  graphdef, state, shardings = train.create_train_state(config, lr_fn, mesh)
+  graphdef, state, _ = train.create_train_state(config, lr_fn, mesh)
   step = jax.jit(functools.partial(train.train_step, graphdef, Task(config), lr_fn),
                  donate_argnums=0)
-  batch_data = {"inputs": jnp.asarray(np.random.default_rng(0).normal(
-      size=(batch, frames, crop, crop, 3)), jnp.float32),
-                "label": jnp.zeros((batch,), jnp.int32)}
+  batch = config.batch_size
+  data = {"inputs": jnp.asarray(np.random.default_rng(0).normal(
+      size=(batch, frames, crop, crop, 3)), jnp.float32), "label": jnp.zeros((batch,), jnp.int32)}
+  return step, state, data
+
+
+def jax_throughput(model: str, batch: int, frames: int, crop: int, repeats: int,
+                   dtype: str = "float32") -> dict:
+  step, state, batch_data = jitted_step(step_config(model, batch, dtype), frames, crop)
   compiled = step.lower(state, batch_data).compile()
   memory = compiled.memory_analysis()
   holder = {"state": state}
 
-  def step():  # the state is donated: keep the newest one
+  def run():  # the state is donated: keep the newest one
     holder["state"], _ = compiled(holder["state"], batch_data)
     jax.block_until_ready(holder["state"])
 
-  seconds = median_seconds(step, repeats)
+  seconds = median_seconds(run, repeats)
   peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
   return {"clips_per_s": batch / seconds, "peak_bytes": int(peak)}
 
