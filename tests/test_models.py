@@ -175,3 +175,12 @@ def test_fast_convolution_lowering_equals_the_convolution(kernel, stride, dilati
   x = jax.random.normal(jax.random.key(0), shape)
   np.testing.assert_allclose(np.asarray(layer.convolve(x)), np.asarray(layer.conv(x)),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_without_temporal_pool_every_frame_reaches_res5():
+  """PySlowFast C2D_NOPOOL: no 2x1x1 pool after res2, so res5 keeps T = frames."""
+  pooled = create_model("c2d_tiny", num_classes=3, rngs=nnx.Rngs(0))
+  unpooled = create_model("c2d_tiny", num_classes=3, rngs=nnx.Rngs(0), temporal_pool=False)
+  x = jax.random.normal(jax.random.key(0), (1, 8, 32, 32, 3))
+  assert pooled.features(x).shape[1] == 4
+  assert unpooled.features(x).shape[1] == 8
