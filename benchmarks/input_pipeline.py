@@ -25,6 +25,7 @@ import time
 import jax
 import numpy as np
 
+from benchmarks import host_malloc
 from benchmarks.timing import median_seconds
 from benchmarks.train_step import jitted_step
 from configs import kinetics
@@ -99,19 +100,21 @@ def main(argv: list[str] | None = None) -> None:
                       help="train step to compare with ('' to skip)")
   parser.add_argument("--step_batch", type=int, default=2)
   parser.add_argument("--json")
+  host_malloc.add_argument(parser)
   args = parser.parse_args(argv)
+  allocator = host_malloc.apply(args.host_malloc)
   with tempfile.TemporaryDirectory() as tmp:
     manual_dir = os.path.join(tmp, "videos")
     write_videos(manual_dir, args.videos, args.seconds, (256, 340), 30)
     config = pipeline_config(os.path.join(tmp, "tfds"), manual_dir, args.batch, args.crop)
     clips = pipeline_throughput(config, args.batches)
   row = {"pipeline_clips_per_s": clips, "clip": [config.input.num_frames, args.crop, args.crop],
-         "source": "340x256 H.264, 30 fps", "cores": os.cpu_count()}
+         "source": "340x256 H.264, 30 fps", "cores": os.cpu_count(), "host_malloc": allocator}
   if args.model:
     row["model"] = args.model
     row["train_step_clips_per_s"] = train_step_throughput(config, args.model, args.step_batch, 3)
   print(f"# input pipeline, Kinetics recipe ({config.input.num_frames}x{config.input.frame_stride}"
-        f" frames, {args.crop} crops) on {os.cpu_count()} cores")
+        f" frames, {args.crop} crops) on {os.cpu_count()} cores, host malloc {allocator}")
   print(f"{'pipeline clips/s':>17} {'train step clips/s':>19}  model")
   step = row.get("train_step_clips_per_s", float("nan"))
   print(f"{clips:17.2f} {step:19.2f}  {args.model or '-'}")

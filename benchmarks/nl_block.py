@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.timing import median_seconds
+from benchmarks import host_malloc
+from benchmarks.timing import in_fresh_process, median_seconds
 from nonlocal_jax import NonLocalBlock
 
 # name: (input shape B, *positions, C; pool window or None)
@@ -79,6 +80,7 @@ def torch_case(shape, window, repeats: int) -> dict:
   """PySlowFast-structured Nonlocal in PyTorch eager (NCTHW / NCHW), fwd + bwd."""
   import torch
 
+  torch.set_num_threads(os.cpu_count())
   batch, *positions, c = shape
   d = c // 2
   conv = torch.nn.Conv3d if len(positions) == 3 else torch.nn.Conv2d
@@ -114,6 +116,16 @@ def matmul_peak_gflops(size: int = 4096, repeats: int = 5) -> float:
   return 2 * size**3 / seconds / 1e9
 
 
+def torch_matmul_peak_gflops(size: int = 4096, repeats: int = 5) -> float:
+  """The same square float32 matmul in PyTorch (oneDNN / MKL kernels), same threads."""
+  import torch
+
+  torch.set_num_threads(os.cpu_count())
+  a = torch.randn(size, size)
+  seconds = median_seconds(lambda: a @ a, repeats)
+  return 2 * size**3 / seconds / 1e9
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,12 +136,18 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--skip_above_bytes", type=float, default=16e9,
                       help="skip a path whose compiled peak memory would exceed this")
   parser.add_argument("--json", help="write the rows to this file")
+  host_malloc.add_argument(parser)
   args = parser.parse_args(argv)
 
+  allocator = host_malloc.apply(args.host_malloc)
   threads = os.cpu_count()
   peak = matmul_peak_gflops()
+  torch_peak = float("nan")
+  if not args.no_torch:
+    torch_peak = in_fresh_process(torch_matmul_peak_gflops, host_malloc=args.host_malloc)
   print(f"# {platform.processor() or platform.machine()}, {threads} cores, jax "
-        f"{jax.__version__} on {jax.devices()[0].platform}; matmul peak {peak:.1f} GFLOP/s")
+        f"{jax.__version__} on {jax.devices()[0].platform}, host malloc {allocator}; "
+        f"matmul peak {peak:.1f} GFLOP/s (XLA), {torch_peak:.1f} GFLOP/s (PyTorch)")
   rows = []
   header = (f"{'case':22} {'path':9} {'ms':>9} {'GFLOP/s':>8} {'% peak':>7} {'peak MB':>9} "
             f"{'vs torch':>8}")
@@ -139,9 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     flops = analytic_flops(shape, window)
     reference = None
     if not args.no_torch:
-      import torch
-      torch.set_num_threads(threads)
-      reference = torch_case(shape, window, args.repeats)["seconds"]
+      reference = in_fresh_process(torch_case, shape, window, args.repeats,
+                                   host_malloc=args.host_malloc)["seconds"]
       rows.append({"case": case, "path": "torch_eager", "seconds": reference,
                    "gflops": flops / reference / 1e9})
       print(f"{case:22} {'torch':9} {reference * 1e3:9.1f} {flops / reference / 1e9:8.1f} "
@@ -156,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{100 * gflops / peak:6.1f}% {result['peak_bytes'] / 2**20:9.0f} {speedup:8.2f}")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"matmul_peak_gflops": peak, "threads": threads, "rows": rows}, f, indent=1)
+      json.dump({"matmul_peak_gflops": peak, "torch_matmul_peak_gflops": torch_peak,
+                 "threads": threads, "host_malloc": allocator, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import tempfile
 
 import jax
 
+from benchmarks import host_malloc
 from benchmarks.train_step import jitted_step, step_config
 
 _SKIP = ("ThunkExecutor", "ThreadpoolListener", "Slinky", "$")
@@ -76,7 +77,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--crop", type=int, default=112)
   parser.add_argument("--top", type=int, default=12)
   parser.add_argument("--json")
+  host_malloc.add_argument(parser)
   args = parser.parse_args(argv)
+  allocator = host_malloc.apply(args.host_malloc)
   with tempfile.TemporaryDirectory() as trace_dir:
     hlo = trace_step(args.model, args.batch, args.frames, args.crop, trace_dir)
     times = thunk_times(trace_dir)
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     kinds[re.sub(r"\.\d+$", "", name)] += us
   total = sum(times.values())
   print(f"# {args.model}, batch {args.batch}, {args.frames}x{args.crop}x{args.crop}: "
-        f"{total / steps / 1e3:.0f} ms of XLA operations per step")
+        f"{total / steps / 1e3:.0f} ms of XLA operations per step (host malloc {allocator})")
   print(f"{'ms/step':>8} {'share':>6}  kind of operation")
   for kind, us in kinds.most_common(args.top):
     print(f"{us / steps / 1e3:8.1f} {100 * us / total:5.1f}%  {kind}")

@@ -9,7 +9,8 @@ decay, BN in training mode, state donated) on one device; the PyTorch side
 is the same network built as PySlowFast builds it
 (:mod:`benchmarks.torch_video_resnet`) with ``torch.optim.SGD``, in eager
 mode with as many threads as cores. Peak memory for JAX is the compiled
-memory analysis; for PyTorch the process's peak RSS growth is reported.
+memory analysis; PyTorch runs in a fresh process (so that its timing depends
+neither on this process' heap nor on XLA's threads), whose peak RSS is reported.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from benchmarks.timing import median_seconds
+from benchmarks import host_malloc
+from benchmarks.timing import in_fresh_process, median_seconds
 from configs import common
 from nonlocal_jax import train
 from nonlocal_jax.tasks import Task
@@ -74,7 +76,9 @@ def jax_throughput(model: str, batch: int, frames: int, crop: int, repeats: int,
 
   seconds = median_seconds(run, repeats)
   peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-  return {"clips_per_s": batch / seconds, "peak_bytes": int(peak)}
+  flops = compiled.cost_analysis()["flops"]
+  return {"clips_per_s": batch / seconds, "peak_bytes": int(peak), "step_flops": flops,
+          "gflops_per_s": flops / seconds / 1e9}
 
 
 def torch_throughput(model: str, batch: int, frames: int, crop: int, repeats: int) -> dict:
@@ -89,7 +93,6 @@ def torch_throughput(model: str, batch: int, frames: int, crop: int, repeats: in
                               weight_decay=1e-4)
   x = torch.randn(batch, 3, frames, crop, crop)
   y = torch.zeros(batch, dtype=torch.long)
-  rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
   def step():
     optimizer.zero_grad(set_to_none=True)
@@ -97,8 +100,9 @@ def torch_throughput(model: str, batch: int, frames: int, crop: int, repeats: in
     optimizer.step()
 
   seconds = median_seconds(step, repeats)
-  rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
-  return {"clips_per_s": batch / seconds, "peak_rss_growth_bytes": rss_growth}
+  # Run in a fresh process (in_fresh_process): its peak RSS is PyTorch's whole footprint.
+  peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  return {"clips_per_s": batch / seconds, "peak_rss_bytes": peak_rss}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,22 +117,30 @@ def main(argv: list[str] | None = None) -> None:
                       help="our compute dtype (parameters stay float32)")
   parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
   parser.add_argument("--json")
+  host_malloc.add_argument(parser)
   args = parser.parse_args(argv)
+  allocator = host_malloc.apply(args.host_malloc)
   shape = (args.batch, args.frames, args.crop)
   print(f"# train step, batch {args.batch}, clips {args.frames}x{args.crop}x{args.crop}, "
-        f"{os.cpu_count()} cores, jax {jax.__version__}, ours in {args.dtype}")
+        f"{os.cpu_count()} cores, jax {jax.__version__}, ours in {args.dtype}, "
+        f"host malloc {allocator}")
   print(f"{'model':14} {'jax clips/s':>12} {'torch clips/s':>14} {'ratio':>6} "
-        f"{'jax peak MB':>12} {'torch RSS+ MB':>14}")
+        f"{'jax peak MB':>12} {'torch RSS MB':>13} {'GFLOP/step':>11} {'jax GFLOP/s':>12} "
+        f"{'torch GFLOP/s':>14}")
   rows = []
   for model in args.models:
     ours = jax_throughput(model, *shape, args.repeats, args.dtype)
-    theirs = ({"clips_per_s": float("nan"), "peak_rss_growth_bytes": float("nan")}
-              if args.no_torch else torch_throughput(model, *shape, args.repeats))
+    theirs = ({"clips_per_s": float("nan"), "peak_rss_bytes": float("nan")}
+              if args.no_torch else in_fresh_process(torch_throughput, model, *shape, args.repeats,
+                                                      host_malloc=args.host_malloc))
     ratio = ours["clips_per_s"] / theirs["clips_per_s"]
-    rows.append({"model": model, "shape": shape, "dtype": args.dtype, "jax": ours,
-                 "torch": theirs, "ratio": ratio})
+    rows.append({"model": model, "shape": shape, "dtype": args.dtype, "host_malloc": allocator,
+                 "jax": ours, "torch": theirs, "ratio": ratio})
+    # Both run the same network: XLA's FLOP count of our step measures both rates.
+    torch_gflops = ours["step_flops"] * theirs["clips_per_s"] / args.batch / 1e9
     print(f"{model:14} {ours['clips_per_s']:12.2f} {theirs['clips_per_s']:14.2f} {ratio:6.2f} "
-          f"{ours['peak_bytes'] / 2**20:12.0f} {theirs['peak_rss_growth_bytes'] / 2**20:14.0f}")
+          f"{ours['peak_bytes'] / 2**20:12.0f} {theirs['peak_rss_bytes'] / 2**20:13.0f} "
+          f"{ours['step_flops'] / 1e9:11.1f} {ours['gflops_per_s']:12.1f} {torch_gflops:14.1f}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)

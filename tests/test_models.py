@@ -170,11 +170,24 @@ def test_bad_names_and_inputs_raise():
     ((3, 3), 1, 2, (2, 9, 9, 6)),
 ])
 def test_fast_convolution_lowering_equals_the_convolution(kernel, stride, dilation, shape):
+  """Values and both gradients (input, kernel) equal those of the plain XLA convolution."""
   from nonlocal_jax.models.resnet_layers import ConvNorm
   layer = ConvNorm(shape[-1], 5, kernel, stride=stride, dilation=dilation, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), shape)
-  np.testing.assert_allclose(np.asarray(layer.convolve(x)), np.asarray(layer.conv(x)),
-                             rtol=1e-5, atol=1e-5)
+  y = layer.conv(x)
+  np.testing.assert_allclose(np.asarray(layer.convolve(x)), np.asarray(y), rtol=1e-5, atol=1e-5)
+  cotangent = jax.random.normal(jax.random.key(1), y.shape)
+  graphdef, params = nnx.split(layer)
+
+  def gradients(apply):
+    def loss(params, x):
+      return jnp.sum(apply(nnx.merge(graphdef, params), x) * cotangent)
+    return jax.grad(loss, argnums=(0, 1))(params, x)
+
+  ours = gradients(lambda layer, x: layer.convolve(x))
+  reference = gradients(lambda layer, x: layer.conv(x))
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
 def test_without_temporal_pool_every_frame_reaches_res5():
