@@ -1,6 +1,5 @@
 """Wall-clock timing and process isolation shared by the benchmarks."""
 
-import argparse
 import multiprocessing
 import time
 from collections.abc import Callable

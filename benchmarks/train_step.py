@@ -3,6 +3,7 @@
     python -m benchmarks.train_step                                 # 4 models, 8x112x112, batch 4
     python -m benchmarks.train_step --models i3d_nl5_r50 --crop 160 --json out.json
     python -m benchmarks.train_step --dtype bfloat16 --no_torch   # our bf16 compute alone
+    python -m benchmarks.train_step --models i3d_nl5_r50 --rounds 3  # alternate, keep the best
 
 The JAX side is the real ``train.train_step`` (SGD, Nesterov, masked weight
 decay, BN in training mode, state donated) on one device; the PyTorch side
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--frames", type=int, default=8)
   parser.add_argument("--crop", type=int, default=112)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="alternate ours and PyTorch this many times per model and keep "
+                      "each side's fastest round (a shared machine's slow phases then hit both)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="our compute dtype (parameters stay float32)")
   parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
@@ -129,13 +133,20 @@ def main(argv: list[str] | None = None) -> None:
         f"{'torch GFLOP/s':>14}")
   rows = []
   for model in args.models:
-    ours = jax_throughput(model, *shape, args.repeats, args.dtype)
-    theirs = ({"clips_per_s": float("nan"), "peak_rss_bytes": float("nan")}
-              if args.no_torch else in_fresh_process(torch_throughput, model, *shape, args.repeats,
-                                                      host_malloc=args.host_malloc))
+    ours_rounds, theirs_rounds = [], []
+    for _ in range(args.rounds):
+      ours_rounds.append(jax_throughput(model, *shape, args.repeats, args.dtype))
+      theirs_rounds.append(
+          {"clips_per_s": float("nan"), "peak_rss_bytes": float("nan")} if args.no_torch
+          else in_fresh_process(torch_throughput, model, *shape, args.repeats,
+                                host_malloc=args.host_malloc))
+    ours = max(ours_rounds, key=lambda r: r["clips_per_s"])
+    theirs = max(theirs_rounds, key=lambda r: r["clips_per_s"])
     ratio = ours["clips_per_s"] / theirs["clips_per_s"]
     rows.append({"model": model, "shape": shape, "dtype": args.dtype, "host_malloc": allocator,
-                 "jax": ours, "torch": theirs, "ratio": ratio})
+                 "jax": ours, "torch": theirs, "ratio": ratio,
+                 "rounds_clips_per_s": {"jax": [r["clips_per_s"] for r in ours_rounds],
+                                        "torch": [r["clips_per_s"] for r in theirs_rounds]}})
     # Both run the same network: XLA's FLOP count of our step measures both rates.
     torch_gflops = ours["step_flops"] * theirs["clips_per_s"] / args.batch / 1e9
     print(f"{model:14} {ours['clips_per_s']:12.2f} {theirs['clips_per_s']:14.2f} {ratio:6.2f} "
