@@ -17,7 +17,6 @@ neither on this process' heap nor on XLA's threads), whose peak RSS is reported.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import resource
@@ -31,7 +30,6 @@ from benchmarks import host_malloc
 from benchmarks.timing import in_fresh_process, median_seconds
 from configs import common
 from nonlocal_jax import train
-from nonlocal_jax.tasks import Task
 
 MODELS = {  # registry name: (torch arch, NL placement)
     "c2d_r50": ("c2d", ((), (), (), ())),
@@ -53,15 +51,12 @@ def step_config(model: str, batch: int, dtype: str = "float32") -> ml_collection
 
 def jitted_step(config: ml_collections.ConfigDict, frames: int, crop: int):
   """Our donated, jitted train step on one device, its initial state and a random batch."""
-  lr_fn = train.create_learning_rate_fn(config)
-  mesh = train.create_mesh(jax.devices()[:1])
-  graphdef, state, _ = train.create_train_state(config, lr_fn, mesh)
-  step = jax.jit(functools.partial(train.train_step, graphdef, Task(config), lr_fn),
-                 donate_argnums=0)
+  steps = train.create_steps(config, train.create_mesh(jax.devices()[:1]))
+  state = train.init_state(config, steps)
   batch = config.batch_size
   data = {"inputs": jnp.asarray(np.random.default_rng(0).normal(
       size=(batch, frames, crop, crop, 3)), jnp.float32), "label": jnp.zeros((batch,), jnp.int32)}
-  return step, state, data
+  return steps.train_step, state, data
 
 
 def compile_jax_step(model: str, batch: int, frames: int, crop: int, dtype: str = "float32"):

@@ -48,7 +48,13 @@ LOCAL_BUILDERS = {
 }
 _READS_FILES = (Kinetics, Charades, VideoClassFolder, ImageClassFolder, Cityscapes19, Ade20k,
                 Voc12Aug)
-MODALITIES = ("video", "image", "segmentation")
+# Per modality: the shape of one example's inputs from its settings and the stored shape.
+INPUT_SHAPES = {
+    "video": video_ops.input_shape,
+    "image": image_ops.input_shape,
+    "segmentation": segmentation_ops.input_shape,
+}
+MODALITIES = tuple(INPUT_SHAPES)
 
 
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -116,6 +122,31 @@ def preprocess_fn(config: ml_collections.ConfigDict, train: bool) -> Callable[..
     return {"inputs": inputs, "label": label, "mask": tf.ones((), tf.bool)}
 
   return fn
+
+
+def batch_spec(config: ml_collections.ConfigDict, features: tfds.features.FeaturesDict, *,
+               train: bool) -> dict[str, jax.ShapeDtypeStruct]:
+  """Global batch shapes without reading any data: {'inputs', 'label', 'mask'}.
+
+  inputs (B, ...) float32 as the modality's ``input_shape`` gives it; label
+  (B,) int32 for classes, (B, K) for multi-hot labels, (B, H, W) for
+  segmentation; mask (B,) bool. `features` are the data set's
+  (``builder.info.features``), which need not be prepared.
+  """
+  modality = config.modality
+  if modality not in INPUT_SHAPES:
+    raise ValueError(f"config.modality={modality!r} is not one of {MODALITIES}")
+  stored_key = {"video": "video", "image": config.input.get("image_key", "image"),
+                "segmentation": "image"}[modality]
+  stored = tuple(features[stored_key].shape)
+  if modality == "video" and len(stored) != 4:  # encoded files: sizes known only when decoded
+    stored = (None,) * 4
+  inputs = INPUT_SHAPES[modality](config.input, stored, train)
+  label = inputs[:2] if modality == "segmentation" else tuple(features["label"].shape)
+  size = config.batch_size if train else config.eval_batch_size
+  return {"inputs": jax.ShapeDtypeStruct((size, *inputs), np.float32),
+          "label": jax.ShapeDtypeStruct((size, *label), np.int32),
+          "mask": jax.ShapeDtypeStruct((size,), np.bool_)}
 
 
 def num_eval_views(config: ml_collections.ConfigDict) -> int:

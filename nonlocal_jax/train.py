@@ -9,6 +9,7 @@ over the global batch (GSPMD reduces across devices and hosts).
 """
 
 
+import dataclasses
 import functools
 import json
 import os
@@ -152,23 +153,56 @@ def create_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def create_train_state(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule,
-                       mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, State, Any]:
-  """Initialises (model, optimizer) directly into replicated global arrays.
+def _make_model_and_optimizer(config: ml_collections.ConfigDict,
+                              learning_rate_fn: optax.Schedule) -> tuple[nnx.Module, nnx.Optimizer]:
+  model = build_model(config, nnx.Rngs(config.seed))
+  return model, nnx.Optimizer(model, create_optimizer(config, learning_rate_fn), wrt=nnx.Param)
 
-  The shapes come from ``nnx.eval_shape`` first, so nothing is allocated
-  twice. Returns (graphdef, state, state shardings).
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The compiled-to-be train and eval steps of a config over a mesh, and their layouts.
+
+  Built from shapes only (``nnx.eval_shape``), so the same object serves a
+  real run and ahead-of-time compilation for another platform
+  (``train_step.lower(abstract_state, batch_spec).compile()``).
   """
-  tx = create_optimizer(config, learning_rate_fn)
+  graphdef: nnx.GraphDef
+  abstract_state: State  # jax.ShapeDtypeStruct leaves
+  state_shardings: Any  # replicated NamedShardings, same tree as the state
+  data_sharding: NamedSharding  # batch axis split over 'data'
+  task: Task
+  learning_rate_fn: optax.Schedule
+  train_step: Callable  # jitted (state, batch) -> (state, metrics); donates the state
+  eval_step: Callable  # jitted (state, batch) -> (metrics, host outputs)
 
-  def make():
-    model = build_model(config, nnx.Rngs(config.seed))
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
+def create_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Steps:
+  """The jitted steps of `config` on `mesh`: state replicated, batches split over 'data'."""
+  learning_rate_fn = create_learning_rate_fn(config)
+  make = functools.partial(_make_model_and_optimizer, config, learning_rate_fn)
   graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
-  shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_state)
-  state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
-  return graphdef, state, shardings
+  state_shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_state)
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                abstract_state, state_shardings)
+  data_sharding = NamedSharding(mesh, P("data"))
+  replicated = NamedSharding(mesh, P())
+  task = Task(config)
+  jitted_train = jax.jit(
+      functools.partial(train_step, graphdef, task, learning_rate_fn),
+      in_shardings=(state_shardings, data_sharding), out_shardings=(state_shardings, replicated),
+      donate_argnums=0)
+  jitted_eval = jax.jit(
+      functools.partial(eval_step, graphdef, task, eval_forward_fn(config, task)),
+      in_shardings=(state_shardings, data_sharding), out_shardings=replicated)
+  return Steps(graphdef, abstract_state, state_shardings, data_sharding, task, learning_rate_fn,
+               jitted_train, jitted_eval)
+
+
+def init_state(config: ml_collections.ConfigDict, steps: Steps) -> State:
+  """Fresh (model, optimizer) state of `config`, created directly as replicated global arrays."""
+  make = functools.partial(_make_model_and_optimizer, config, steps.learning_rate_fn)
+  return jax.jit(lambda: nnx.state(make()), out_shardings=steps.state_shardings)()
 
 
 class _Preemption:
@@ -241,22 +275,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config = config.copy_and_resolve_references()
     config.num_classes = builder.info.features["label"].num_classes
   mesh = create_mesh()
-  data_sharding = NamedSharding(mesh, P("data"))
   for name in ("batch_size", "eval_batch_size"):
     if config[name] % jax.device_count():
       raise ValueError(f"config.{name}={config[name]} is not divisible by the "
                        f"{jax.device_count()} devices")
 
-  learning_rate_fn = create_learning_rate_fn(config)
-  graphdef, state, state_shardings = create_train_state(config, learning_rate_fn, mesh)
-  replicated = NamedSharding(mesh, P())
-  task = Task(config)
-  p_train_step = jax.jit(
-      functools.partial(train_step, graphdef, task, learning_rate_fn),
-      in_shardings=(state_shardings, data_sharding), out_shardings=(state_shardings, replicated),
-      donate_argnums=0)
-  p_eval_step = jax.jit(functools.partial(eval_step, graphdef, task, eval_forward_fn(config, task)),
-                        in_shardings=(state_shardings, data_sharding), out_shardings=replicated)
+  steps = create_steps(config, mesh)
+  graphdef, state_shardings, data_sharding = steps.graphdef, steps.state_shardings, steps.data_sharding
+  task, p_train_step, p_eval_step = steps.task, steps.train_step, steps.eval_step
+  state = init_state(config, steps)
 
   manager = ocp.CheckpointManager(
       os.path.join(workdir, "checkpoints"),

@@ -13,14 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from configs import default as default_config
 from nonlocal_jax import input_pipeline, train
 from nonlocal_jax.data.long_range_video import LongRangeVideo
 from nonlocal_jax.plot import read_scalars
-from nonlocal_jax.tasks import Task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,15 +57,13 @@ def test_one_step_on_8_devices_equals_1_device(data_dir):
   config = small_config(data_dir)
   builder = input_pipeline.get_builder(config)
   batch = next(input_pipeline.train_iterator(builder, config))
-  lr_fn = train.create_learning_rate_fn(config)
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = train.create_mesh(devices)
-    graphdef, state, shardings = train.create_train_state(config, lr_fn, mesh)
-    data_sharding = NamedSharding(mesh, P("data"))
-    step = jax.jit(lambda s, b: train.train_step(graphdef, Task(config), lr_fn, s, b),
-                   in_shardings=(shardings, data_sharding))
-    new_state, metrics = step(state, input_pipeline.to_global(batch, data_sharding))
+    steps = train.create_steps(config, mesh)
+    state = train.init_state(config, steps)
+    new_state, metrics = steps.train_step(state,
+                                          input_pipeline.to_global(batch, steps.data_sharding))
     results.append((to_numpy(new_state), metrics.compute()))
   (state1, m1), (state8, m8) = results
   np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)

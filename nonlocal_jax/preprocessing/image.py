@@ -53,5 +53,16 @@ def eval_image(image: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor
   return normalize(image, config.style)
 
 
+def input_shape(config: ml_collections.ConfigDict, stored_shape: tuple, train: bool) -> tuple:
+  """(S, S, 3) of one example; CIFAR-style evaluation keeps the stored (H, W, 3) as it is."""
+  if train or config.style == "imagenet":
+    return (config.crop_size, config.crop_size, 3)
+  if None in tuple(stored_shape):
+    raise ValueError(f"config.input.style='cifar' evaluates images as they are stored, but this "
+                     f"data set's images have no fixed size (stored {tuple(stored_shape)}); use "
+                     "style='imagenet' (resize + centre crop)")
+  return tuple(stored_shape)
+
+
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(style="imagenet", crop_size=224, resize_size=256))

@@ -72,6 +72,13 @@ def eval_pair(image: tf.Tensor, label: tf.Tensor,
           tf.ensure_shape(label[:h, :w], [h, w]))
 
 
+def input_shape(config: ml_collections.ConfigDict, stored_shape: tuple, train: bool) -> tuple:
+  """(H, W, 3) of one image: the training crop or the evaluation padding size."""
+  del stored_shape  # every size is fixed by the config
+  height, width = config.crop_size if train else config.eval_pad_size
+  return (height, width, 3)
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Cityscapes 512x1024 settings."""
   return ml_collections.ConfigDict(dict(

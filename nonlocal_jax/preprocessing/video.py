@@ -131,6 +131,29 @@ def num_views(config: ml_collections.ConfigDict) -> int:
   return config.test_clips * (config.test_crops if config.test_crop_size else 1)
 
 
+def input_shape(config: ml_collections.ConfigDict, stored_shape: tuple, train: bool) -> tuple:
+  """Shape of one example's inputs: (T, S, S, 3) in training, (V, T, S, S, 3) for V > 1 eval views.
+
+  `stored_shape` is the data set's decoded video shape (F, H, W, 3), with
+  None for sizes that vary per example (encoded files); the sizes the config
+  fixes take precedence. A size that is neither fixed nor stored is an error
+  naming the field to set.
+  """
+  frames, height, width = (tuple(stored_shape) + (None,) * 3)[:3]
+  crop, scale = (config.crop_size, config.train_scale) if train else (config.test_crop_size,
+                                                                      config.test_scale)
+  if crop:
+    height = width = crop
+  elif scale:  # the short side is rescaled: the long side depends on each video
+    height = width = None
+  shape = (config.num_frames or frames, height, width, 3)
+  if not all(shape):
+    field = "crop_size" if train else "test_crop_size"
+    raise ValueError(f"config.input.num_frames and config.input.{field} must be set for this data "
+                     f"set: its videos have no fixed size (stored {stored_shape}, clip {shape})")
+  return shape if train or num_views(config) == 1 else (num_views(config), *shape)
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Clip / augmentation settings (overridden by experiment configs)."""
   return ml_collections.ConfigDict(dict(
