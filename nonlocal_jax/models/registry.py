@@ -14,9 +14,10 @@ nl10   every res3 and res4 block      res3 0-3; res4 1,5,9,13,17,21 (ours)
 No public code defines a 10-block R101; ours spaces six res4 blocks evenly
 and ends before the last block, like nl1.
 
-Image names: ``resnet{50,101}[_{nl1,nl5,nl10}]``. Segmentation:
-``nonlocalnet_r{50,101}_d8``. Tiny presets for tests and CPU runs end in
-``_tiny``.
+Image names: ``resnet{50,101}[_{nl1,nl5,nl10}]``; Local Relation Networks
+``lrnet{26,50}`` (Hu et al., ICCV 2019: 7x7 local relation layers, m = 8).
+Segmentation: ``nonlocalnet_r{50,101}_d8``. Tiny presets for tests and CPU
+runs end in ``_tiny``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 from flax import nnx
 
 from nonlocal_jax.models.image_resnet import ImageResNet
+from nonlocal_jax.models.lrnet import LRNet
 from nonlocal_jax.models.segmentation import NonLocalSegmenter
 from nonlocal_jax.models.video_resnet import VideoResNet
 
@@ -93,7 +95,20 @@ def _register_presets() -> None:
       "segmentation"))
 
 
+def _register_lrnet() -> None:
+  # m = 8 does not divide res2's 100 channels; 5 is the largest divisor of 100
+  # not above 8 (the paper reports no loss with up to 8 channels per map).
+  paper = dict(kernel_size=7, channels_per_group=(8, 5, 8, 8, 8))
+  for depth in (26, 50):
+    register(f"lrnet{depth}", ModelSpec(LRNet, dict(depth=depth, **paper), (224, 224, 3), "image"))
+  register("lrnet_tiny", ModelSpec(
+      LRNet, dict(stage_depths=(1, 1, 1, 1), stage_widths=(8, 16, 32, 64),
+                  stage_out_features=(16, 32, 64, 128), stem_width=8, channels_per_group=4),
+      (32, 32, 3), "image"))
+
+
 _register_presets()
+_register_lrnet()
 
 
 def list_models() -> list[str]:
