@@ -6,10 +6,19 @@
 With no flags it runs the built-in default (configs/default.py) into
 ./workdirs/default. All logic lives in nonlocal_jax.train so it can be
 imported and tested; this file only parses flags and starts JAX.
+
+Exit codes: 0 done; 1 an error (the message names it); 75 stopped by SIGTERM
+after saving a checkpoint (run the same command again to resume; schedulers
+can requeue on it).
 """
 
 import os
+import sys
 
+# TensorFlow's C++ start-up lines (oneDNN notices, CUDA probing) out of the default log.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -41,9 +50,27 @@ def _default_workdir() -> str:
   return os.path.join("workdirs", name)
 
 
+def _load_config() -> ml_collections.ConfigDict:
+  """The parsed --config, or exit with one message naming the file and the configs that exist.
+
+  config_flags defers a loading error to the first use of the config.
+  """
+  config = FLAGS.config
+  try:
+    config.keys()
+  except (OSError, ImportError, AttributeError, ValueError) as e:
+    configs = sorted(f for f in os.listdir(os.path.join(_HERE, "configs"))
+                     if f.endswith(".py") and f not in ("__init__.py", "common.py"))
+    sys.exit(f"error: cannot load --config={FLAGS['config'].config_filename}: "
+             f"{str(e).strip().splitlines()[-1].strip()}\n"
+             f"Configs in {os.path.join(_HERE, 'configs')}: {', '.join(configs)}")
+  return config
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _load_config()
   import jax  # imported here so --help works without starting a backend
 
   if FLAGS.coordinator_address:
@@ -53,9 +80,16 @@ def main(argv):
   logging.info("JAX process %d / %d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
 
-  from nonlocal_jax import train
+  from nonlocal_jax import progress, train
 
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir or _default_workdir())
+  progress.quiet_library_logs()
+  try:
+    final = train.train_and_evaluate(config, FLAGS.workdir or _default_workdir())
+  except train.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(train.PREEMPTED_EXIT_CODE)
+  if jax.process_index() == 0:
+    print(progress.metrics_table(final), flush=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,18 @@ Keeping them in one place means every ``--config.<field>=...`` override works
 on every config (configs are locked: a typo in a field name is an error).
 """
 
+import inspect
+
 import ml_collections
+from ml_collections import config_dict
+
+from nonlocal_jax.models import get_spec
+from nonlocal_jax.nonlocal_block import NonLocalBlock
+
+# Constructor arguments set elsewhere: by config.num_classes, config.compute_dtype,
+# config.remat, config.seed, or by the model itself for its non-local blocks.
+_NOT_MODEL_KWARGS = ("self", "rngs", "num_classes", "dtype", "param_dtype", "remat",
+                     "in_features", "capture_attention")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -30,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.init_from = ""  # weights checkpoint or workdir to start from
   config.init_head = True  # False: fresh classifier (other classes)
   config.compute_dtype = "float32"  # or 'bfloat16'
+  config.remat = "none"  # or 'blocks' (recompute each block in the backward pass), 'full'
   # Optimisation.
   config.batch_size = 64
   config.eval_batch_size = 64
@@ -54,4 +66,35 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
   config.seed = 0
+  return config
+
+
+def _arguments(constructor, given: dict) -> ml_collections.ConfigDict:
+  """Every keyword argument of `constructor`: the given value or its default, any type."""
+  values = ml_collections.ConfigDict()
+  for name, parameter in inspect.signature(constructor.__init__).parameters.items():
+    if name in _NOT_MODEL_KWARGS:
+      continue
+    value = given.get(name, parameter.default)
+    values[name] = config_dict.FieldReference(value, field_type=object)
+  return values
+
+
+def expose_model_arguments(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Lists every constructor argument of ``config.model.name`` in ``config.model.kwargs``.
+
+  The preset's values and the config's own settings are kept; the rest get
+  the constructor's defaults. Each entry takes any Python literal from the
+  command line (``--config.model.kwargs.width=32``,
+  ``--config.model.kwargs.head_pool_window=None`` for global pooling), and
+  ``nonlocal_options`` lists every NonLocalBlock option
+  (``--config.model.kwargs.nonlocal_options.instantiation=gaussian``).
+  Call it last in ``get_config``, once the model is chosen.
+  """
+  spec = get_spec(config.model.name)
+  given = {**spec.kwargs, **config.model.kwargs.to_dict()}
+  kwargs = _arguments(spec.constructor, given)
+  if "nonlocal_options" in kwargs:
+    kwargs.nonlocal_options = _arguments(NonLocalBlock, dict(given.get("nonlocal_options") or {}))
+  config.model.kwargs = kwargs
   return config

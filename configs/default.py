@@ -26,7 +26,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.input = video.default_config()  # the stored 8-frame clips as they are
   config.cache_train = True
   config.model.name = "c2d_tiny" if variant == "baseline" else "c2d_nl_tiny"
-  config.model.kwargs = ml_collections.ConfigDict({"dropout_rate": 0.0})
+  # Width 16 (the tiny presets have 8): at width 8 some seeds settle with two of the four
+  # colours merged (92% accuracy, the same pair every time); at 16 every seed separates them.
+  config.model.kwargs = ml_collections.ConfigDict({"dropout_rate": 0.0, "width": 16})
 
   config.batch_size = 32
   config.eval_batch_size = 64
@@ -37,4 +39,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.checkpoint_every_steps = 600
   config.keep_checkpoints = 2
-  return config
+  return common.expose_model_arguments(config)

@@ -98,4 +98,4 @@ def get_config(variant: str = "i3d_nl5_r50_8x8") -> ml_collections.ConfigDict:
 
   config.eval_every_steps = 50_000
   config.checkpoint_every_steps = 5_000
-  return config
+  return common.expose_model_arguments(config)

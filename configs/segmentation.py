@@ -75,4 +75,4 @@ def get_config(variant: str = "cityscapes_r50_512x1024_40k") -> ml_collections.C
   config.eval_every_steps = 4_000
   config.checkpoint_every_steps = 4_000
   config.keep_checkpoints = 2
-  return config
+  return common.expose_model_arguments(config)

@@ -57,13 +57,13 @@ INPUT_SHAPES = {
 MODALITIES = tuple(INPUT_SHAPES)
 
 
-def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The TFDS builder named by ``config.dataset`` ('name' or 'name/config').
+def create_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The TFDS builder named by ``config.dataset`` ('name' or 'name/config'), not yet prepared.
 
-  Our own builders (LOCAL_BUILDERS) are prepared on first use by process 0;
-  catalog builders must already be prepared in ``config.data_dir``.
+  Its ``info.features`` are known without any data (see :func:`batch_spec`).
+  Catalog builders must already be prepared in ``config.data_dir``.
   """
-  data_dir = os.path.expanduser(config.data_dir) if config.get("data_dir") else None
+  data_dir = os.path.expanduser(config.data_dir) if config.data_dir else None
   name, _, builder_config = config.dataset.partition("/")
   if name in LOCAL_BUILDERS:
     cls = LOCAL_BUILDERS[name]
@@ -74,12 +74,8 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         raise ValueError(f"dataset {config.dataset!r}: {name} has configs {configs}")
       kwargs["config"] = builder_config
     if issubclass(cls, _READS_FILES):
-      kwargs["root_dir"] = config.get("manual_dir") or None
-    builder = cls(data_dir=data_dir, **kwargs)
-    if jax.process_index() == 0 and not builder.is_prepared():
-      builder.download_and_prepare()
-    multihost_utils.sync_global_devices(f"prepared {config.dataset}")
-    return builder
+      kwargs["root_dir"] = config.manual_dir or None
+    return cls(data_dir=data_dir, **kwargs)
   try:
     builder = tfds.builder(config.dataset, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -92,13 +88,26 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   return builder
 
 
+def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
+  """Builds our own data sets on first use (process 0; the others wait for it)."""
+  if jax.process_index() == 0 and not builder.is_prepared():
+    builder.download_and_prepare()
+  multihost_utils.sync_global_devices(f"prepared {builder.name}")
+  return builder
+
+
+def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The prepared TFDS builder of ``config.dataset`` (ours are built on first use)."""
+  return prepare(create_builder(config))
+
+
 def _label(example: dict) -> tf.Tensor:
   return tf.cast(example["label"], tf.int32)
 
 
 def preprocess_fn(config: ml_collections.ConfigDict, train: bool) -> Callable[..., dict]:
   """(example, seed) -> {'inputs', 'label', 'mask'} for the configured modality."""
-  modality, settings = config.get("modality", "video"), config.input
+  modality, settings = config.modality, config.input
   if modality not in MODALITIES:
     raise ValueError(f"config.modality={modality!r} is not one of {MODALITIES}")
 
@@ -111,7 +120,7 @@ def preprocess_fn(config: ml_collections.ConfigDict, train: bool) -> Callable[..
         inputs = views[0] if video_ops.num_views(settings) == 1 else views
       label = _label(example)
     elif modality == "image":
-      image = example[settings.get("image_key", "image")]
+      image = example[settings.image_key]
       inputs = (image_ops.train_image(image, seed, settings) if train
                 else image_ops.eval_image(image, settings))
       label = _label(example)
@@ -136,8 +145,8 @@ def batch_spec(config: ml_collections.ConfigDict, features: tfds.features.Featur
   modality = config.modality
   if modality not in INPUT_SHAPES:
     raise ValueError(f"config.modality={modality!r} is not one of {MODALITIES}")
-  stored_key = {"video": "video", "image": config.input.get("image_key", "image"),
-                "segmentation": "image"}[modality]
+  stored_key = config.input.image_key if modality == "image" else {
+      "video": "video", "segmentation": "image"}[modality]
   stored = tuple(features[stored_key].shape)
   if modality == "video" and len(stored) != 4:  # encoded files: sizes known only when decoded
     stored = (None,) * 4
@@ -151,7 +160,7 @@ def batch_spec(config: ml_collections.ConfigDict, features: tfds.features.Featur
 
 def num_eval_views(config: ml_collections.ConfigDict) -> int:
   """Views per evaluation example (1: the eval inputs have no views axis)."""
-  if config.get("modality", "video") != "video":
+  if config.modality != "video":
     return 1
   return video_ops.num_views(config.input)
 
@@ -175,9 +184,9 @@ def train_iterator(builder: tfds.core.DatasetBuilder, config: ml_collections.Con
   """Endless shuffled per-process batches of ``config.batch_size // processes``, from `start_step`."""
   split = tfds.split_for_jax_process(config.train_split, drop_remainder=True)
   ds = builder.as_dataset(split=split, shuffle_files=False).with_options(_options())
-  if config.get("cache_train", False):
+  if config.cache_train:
     ds = ds.cache()
-  ds = ds.repeat().shuffle(config.get("shuffle_buffer", 4096), seed=config.seed,
+  ds = ds.repeat().shuffle(config.shuffle_buffer, seed=config.seed,
                            reshuffle_each_iteration=True)
   preprocess = preprocess_fn(config, train=True)
   seed = config.seed * jax.process_count() + jax.process_index()

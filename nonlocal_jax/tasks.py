@@ -78,12 +78,12 @@ class Task:
   """Loss and metrics of one task, configured by the experiment config."""
 
   def __init__(self, config: ml_collections.ConfigDict):
-    self.name = config.get("task", "classification")
+    self.name = config.task
     if self.name not in TASKS:
       raise ValueError(f"config.task={self.name!r} is not one of {TASKS}")
-    self.label_smoothing = config.get("label_smoothing", 0.0)
-    self.ignore_label = config.get("ignore_label", 255)
-    self.aux_loss_weight = config.get("aux_loss_weight", 0.4)
+    self.label_smoothing = config.label_smoothing
+    self.ignore_label = config.ignore_label
+    self.aux_loss_weight = config.aux_loss_weight
 
   # -- training ---------------------------------------------------------------
 

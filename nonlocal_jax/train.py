@@ -9,11 +9,13 @@ over the global batch (GSPMD reduces across devices and hosts).
 """
 
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +31,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nonlocal_jax import checkpoints, input_pipeline
+from nonlocal_jax import (checkpoints, config_validation, input_pipeline, memory_fit, progress,
+                          run_checkpoints, workdir_lock)
 from nonlocal_jax.models import create_model, eval_mode
 from nonlocal_jax.models.segmentation import slide_inference
 from nonlocal_jax.tasks import Task
@@ -42,7 +45,7 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule
 
   Linear warmup from warmup_init_lr over warmup_steps comes first if set.
   """
-  lr, steps, warmup = config.learning_rate, config.num_train_steps, config.get("warmup_steps", 0)
+  lr, steps, warmup = config.learning_rate, config.num_train_steps, config.warmup_steps
   kind = config.schedule
   if kind == "step":
     main = optax.piecewise_constant_schedule(
@@ -50,15 +53,15 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule
   elif kind == "cosine":
     main = optax.cosine_decay_schedule(lr, max(steps - warmup, 1))
   elif kind == "poly":
-    main = optax.polynomial_schedule(lr, config.get("end_learning_rate", 0.0),
-                                     config.get("poly_power", 0.9), max(steps - warmup, 1))
+    main = optax.polynomial_schedule(lr, config.end_learning_rate,
+                                     config.poly_power, max(steps - warmup, 1))
   elif kind == "constant":
     main = optax.constant_schedule(lr)
   else:
     raise ValueError(f"config.schedule={kind!r} is not one of 'step', 'cosine', 'poly', 'constant'")
   if not warmup:
     return main
-  ramp = optax.linear_schedule(config.get("warmup_init_lr", 0.0), lr, warmup)
+  ramp = optax.linear_schedule(config.warmup_init_lr, lr, warmup)
   return optax.join_schedules([ramp, main], [warmup])
 
 
@@ -78,19 +81,21 @@ def create_optimizer(config: ml_collections.ConfigDict,
   ``config.decay_norm_and_bias`` (mmseg decays everything).
   """
   parts = []
-  if config.get("grad_clip_norm"):
+  if config.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   if config.weight_decay:
-    mask = None if config.get("decay_norm_and_bias", False) else decay_mask
+    mask = None if config.decay_norm_and_bias else decay_mask
     parts.append(optax.add_decayed_weights(config.weight_decay, mask=mask))
   parts.append(optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov))
   return optax.chain(*parts)
 
 
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
-  kwargs = dict(config.model.get("kwargs", {}))
-  if config.get("compute_dtype", "float32") != "float32":
+  kwargs = config.model.kwargs.to_dict()
+  if config.compute_dtype != "float32":
     kwargs["dtype"] = jnp.dtype(config.compute_dtype)
+  if config.remat != "none":  # 'none' is every model's default
+    kwargs["remat"] = config.remat
   return create_model(config.model.name, num_classes=config.num_classes, rngs=rngs, **kwargs)
 
 
@@ -127,7 +132,7 @@ def eval_forward_fn(config: ml_collections.ConfigDict, task: Task) -> Callable[[
                                                                                jax.Array], Any]:
   """How the eval step applies the model: plain, multi-view averaged, or sliding windows."""
   views = input_pipeline.num_eval_views(config)
-  if config.get("modality") == "segmentation" and config.input.get("eval_mode") == "slide":
+  if config.modality == "segmentation" and config.input.eval_mode == "slide":
     crop, stride = config.input.eval_crop_size, config.input.eval_stride
     return lambda model, x: slide_inference(model, x, crop, stride)
   if views > 1:  # inputs (B, V, ...): every view, predictions averaged per example
@@ -205,6 +210,20 @@ def init_state(config: ml_collections.ConfigDict, steps: Steps) -> State:
   return jax.jit(lambda: nnx.state(make()), out_shardings=steps.state_shardings)()
 
 
+# Exit code of main.py when SIGTERM stopped the run early (EX_TEMPFAIL in sysexits.h):
+# the checkpoint is saved and running the same command again resumes.
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+  """SIGTERM stopped the run after saving a checkpoint; run it again to resume."""
+
+  def __init__(self, step: int, workdir: str):
+    super().__init__(f"stopped by SIGTERM at step {step} after saving a checkpoint in {workdir}; "
+                     "run the same command again to resume")
+    self.step = step
+
+
 class _Preemption:
   """Remembers a SIGTERM so the loop can save before the process is killed."""
 
@@ -221,7 +240,7 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_finite(values: dict, step: int, manager: ocp.CheckpointManager) -> None:
+def _check_finite_metrics(values: dict, step: int, manager: ocp.CheckpointManager) -> None:
   bad = {k: float(v) for k, v in values.items() if not np.isfinite(v)}
   if bad:
     raise FloatingPointError(
@@ -230,12 +249,23 @@ def _check_finite(values: dict, step: int, manager: ocp.CheckpointManager) -> No
         "config.grad_clip_norm.")
 
 
+def _check_finite_state(state: State, step: int, manager: ocp.CheckpointManager) -> None:
+  bad = run_checkpoints.nonfinite_arrays(state)
+  if bad:
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    raise FloatingPointError(
+        f"non-finite train state at step {step}: {len(bad)} of "
+        f"{len(jax.tree.leaves(state))} arrays hold NaN or Inf ({shown}); stopping without "
+        f"saving it. The last good checkpoint (step {manager.latest_step()}) is left untouched. "
+        "Lower config.learning_rate or set config.grad_clip_norm.")
+
+
 def initialize_from(graphdef: nnx.GraphDef, state: State, shardings: Any,
                     config: ml_collections.ConfigDict) -> State:
   """Loads ``config.init_from`` weights into the fresh model (classifier too if init_head)."""
   model, optimizer = nnx.merge(graphdef, state)
   fresh = checkpoints.restore_weights(model, config.init_from,
-                                      init_head=config.get("init_head", True))
+                                      init_head=config.init_head)
   logging.info("Initialised from %s (left at init: %s)", config.init_from, fresh)
   return jax.device_put(nnx.state((model, optimizer)), shardings)
 
@@ -259,49 +289,68 @@ def evaluate(eval_fn: Callable, task: Task, state: State, builder,
   return {f"eval_{k}": float(v) for k, v in values.items()}
 
 
+def prepare_run(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Any]:
+  """Validates `config` against its data set and model without reading data or building weights.
+
+  Returns the config with ``num_classes`` resolved from the labels when it
+  was 0, and the (not yet prepared) TFDS builder.
+  """
+  config_validation.validate_config(config)
+  builder = input_pipeline.create_builder(config)
+  config = config_validation.resolve_num_classes(config, builder.info.features)
+  config_validation.check_model_takes_inputs(config, builder.info.features)
+  return config, builder
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint) and evaluates.
 
-  Writes TensorBoard summaries and checkpoints under `workdir` and the final
-  evaluation to ``workdir/final_metrics.json``; returns those metrics.
+  The config is checked in full first (:func:`prepare_run`); the workdir is
+  locked for the run's duration. Writes TensorBoard summaries and
+  checkpoints under `workdir` and the final evaluation to
+  ``workdir/final_metrics.json``; returns those metrics. Raises
+  :class:`Preempted` after SIGTERM (a checkpoint is saved first).
   """
+  config, builder = prepare_run(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  lock = workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    run_checkpoints.check_run_spec(workdir, config)
+    return _train_and_evaluate(config, workdir, input_pipeline.prepare(builder))
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        builder) -> dict[str, float]:
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
-
-  builder = input_pipeline.get_builder(config)
-  if not config.num_classes:  # own class folders: the classes found there
-    config = config.copy_and_resolve_references()
-    config.num_classes = builder.info.features["label"].num_classes
   mesh = create_mesh()
-  for name in ("batch_size", "eval_batch_size"):
-    if config[name] % jax.device_count():
-      raise ValueError(f"config.{name}={config[name]} is not divisible by the "
-                       f"{jax.device_count()} devices")
-
   steps = create_steps(config, mesh)
-  graphdef, state_shardings, data_sharding = steps.graphdef, steps.state_shardings, steps.data_sharding
-  task, p_train_step, p_eval_step = steps.task, steps.train_step, steps.eval_step
+  data_sharding, task = steps.data_sharding, steps.task
   state = init_state(config, steps)
 
-  manager = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.keep_checkpoints, save_interval_steps=config.checkpoint_every_steps,
-          enable_async_checkpointing=True))
-  start_step = manager.latest_step() or 0
+  manager = run_checkpoints.create_manager(workdir, config)
+  state, start_step = run_checkpoints.restore_latest(manager, state, workdir)
   if start_step:
     logging.info("Resuming from %s at step %d", manager.directory, start_step)
-    state = manager.restore(start_step, args=ocp.args.StandardRestore(state))
-  elif config.get("init_from"):
-    state = initialize_from(graphdef, state, state_shardings, config)
+  elif config.init_from:
+    state = initialize_from(steps.graphdef, state, steps.state_shardings, config)
+
+  started = time.monotonic()
+  batch_spec = input_pipeline.batch_spec(config, builder.info.features, train=True)
+  batch_spec = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=data_sharding), batch_spec)
+  p_train_step = steps.train_step.lower(state, batch_spec).compile()
+  logging.info("Compiled the train step in %s.", progress.format_seconds(time.monotonic() - started))
+  memory_fit.check_fits_on_devices(p_train_step, jax.local_devices())  # not an OOM later
 
   train_iter = input_pipeline.train_iterator(builder, config, start_step=start_step)
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                     writer=writer)
-  preemption = _Preemption()
   train_metrics = None
+  progress_line = progress.ProgressLine(
+      num_train_steps=config.num_train_steps, start_step=start_step,
+      current_loss=lambda: None if train_metrics is None else float(train_metrics.compute()["loss"]))
+  preemption = _Preemption()
   step = start_step
   try:
     while step < config.num_train_steps:
@@ -312,18 +361,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       step += 1
       train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
       report_progress(step)
+      progress_line(step)
       is_last = step == config.num_train_steps
-      # Checked before every save, so a non-finite state is never checkpointed.
-      if (step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0
-          or is_last or preemption.requested):
+      will_save = is_last or preemption.requested or step % config.checkpoint_every_steps == 0
+      if step % config.log_every_steps == 0 or will_save:
         values = train_metrics.compute()
-        _check_finite(values, step, manager)
+        _check_finite_metrics(values, step, manager)
         writer.write_scalars(step, {f"train_{k}": v for k, v in values.items()})
         train_metrics = None
       if (config.eval_every_steps and step % config.eval_every_steps == 0) and not is_last:
         with report_progress.timed("eval"):
-          writer.write_scalars(step, evaluate(p_eval_step, task, state, builder, config, data_sharding))
-      if is_last or preemption.requested or step % config.checkpoint_every_steps == 0:
+          writer.write_scalars(step, evaluate(steps.eval_step, task, state, builder, config,
+                                              data_sharding))
+      if will_save:
+        _check_finite_state(state, step, manager)  # never checkpoint NaN or Inf
         manager.save(step, args=ocp.args.StandardSave(state), force=True)
       if preemption.requested:
         break
@@ -332,11 +383,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     preemption.restore()
 
   if preemption.requested:
-    logging.warning("Stopped at step %d after SIGTERM; rerun to resume.", step)
-    return {}
+    raise Preempted(step, workdir)
   with report_progress.timed("eval"):
-    final = evaluate(p_eval_step, task, state, builder, config, data_sharding)
-  final.update(param_norm=parameter_norm(graphdef, state), step=step)
+    final = evaluate(steps.eval_step, task, state, builder, config, data_sharding)
+  final.update(param_norm=parameter_norm(steps.graphdef, state), step=step)
   writer.write_scalars(step, {k: v for k, v in final.items() if k.startswith("eval_")})
   writer.flush()
   if jax.process_index() == 0:

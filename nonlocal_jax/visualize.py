@@ -35,6 +35,7 @@ from PIL import Image  # noqa: E402
 from nonlocal_jax import checkpoints, input_pipeline, train  # noqa: E402
 from nonlocal_jax.data import video_decode  # noqa: E402
 from nonlocal_jax.models import eval_mode  # noqa: E402
+from nonlocal_jax.nonlocal_block import NonLocalBlock  # noqa: E402
 from nonlocal_jax.preprocessing import image as image_ops  # noqa: E402
 from nonlocal_jax.preprocessing import video as video_ops  # noqa: E402
 
@@ -44,6 +45,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 def attention_maps(model: nnx.Module, inputs: jnp.ndarray) -> dict[str, np.ndarray]:
   """{block path: weights (B, *query grid, *key grid)} of every non-local block, eval mode."""
+  if not any(isinstance(m, NonLocalBlock) for _, m in nnx.iter_graph(model)):
+    raise ValueError(f"{type(model).__name__} has no non-local blocks, so there is no attention "
+                     "to draw; use a model with non-local blocks (e.g. c2d_nl_tiny, "
+                     "i3d_nl5_r50, or set config.model.kwargs.nonlocal_blocks)")
   model = nnx.view(eval_mode(model), capture_attention=True)
   _, intermediates = nnx.capture(model, nnx.Intermediate)(inputs)
   maps = {}
@@ -63,7 +68,7 @@ def _video_example(frames: np.ndarray, config: ml_collections.ConfigDict) -> np.
 
 def load_input(source: str, config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
   """(model input (1, ...) float32, frames for display (T, H, W, 3) uint8) from `source`."""
-  modality = config.get("modality", "video")
+  modality = config.modality
   if source.startswith("dataset"):
     index = int(source.partition(":")[2] or 0)
     builder = input_pipeline.get_builder(config)
@@ -193,9 +198,7 @@ def visualize(config: ml_collections.ConfigDict, weights: str, output: str, *,
               blocks: Sequence[str] | None = None, top_k: int = 20,
               num_queries: int = 2) -> dict[str, np.ndarray]:
   """Builds the model, loads `weights` (workdir or weights checkpoint) and draws `output`."""
-  if not config.num_classes:
-    config = config.copy_and_resolve_references()
-    config.num_classes = input_pipeline.get_builder(config).info.features["label"].num_classes
+  config, _ = train.prepare_run(config)  # every config check, before any weight is read
   model = train.build_model(config, nnx.Rngs(0))
   checkpoints.restore_weights(model, weights)
   inputs, frames = load_input(source, config)

@@ -140,7 +140,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, data_dir):
   time.sleep(10)  # let it train some steps
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=120)
-  assert proc.returncode == 0, stderr[-2000:]
+  assert proc.returncode == train.PREEMPTED_EXIT_CODE, stderr[-2000:]
   steps = [int(p) for p in os.listdir(tmp_path / "wd" / "checkpoints") if p.isdigit()]
   assert len(steps) == 1 and 0 < steps[0] < 1000
   assert "SIGTERM" in stderr
@@ -195,7 +195,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
 def test_bad_config_values_raise(tmp_path, data_dir):
   with pytest.raises(ValueError, match="unknown dataset 'kinetics9'"):
     train.train_and_evaluate(small_config(data_dir, dataset="kinetics9"), str(tmp_path))
-  with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8 devices"):
+  with pytest.raises(ValueError, match="batch_size=12: must be divisible by the 8 devices"):
     train.train_and_evaluate(small_config(data_dir, batch_size=12), str(tmp_path))
   with pytest.raises(ValueError, match="schedule='linear'"):
     train.create_learning_rate_fn(small_config(data_dir, schedule="linear"))

@@ -24,8 +24,12 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-# Distinct, saturated colours (RGB).
-PALETTE = np.array([[230, 40, 40], [40, 200, 40], [50, 90, 240], [235, 220, 40]], np.uint8)
+# Red, green, blue and white: the corners of a regular tetrahedron in RGB space,
+# so every pair of colours differs in exactly two channels by the same amount
+# and no pair is harder to tell apart than another. (Version 1.0.0 used red,
+# green, blue and yellow; trained models of several seeds then merged green and
+# blue and failed exactly those pairs, 84 of the 1024 test clips.)
+PALETTE = np.array([[240, 40, 40], [40, 240, 40], [40, 40, 240], [240, 240, 240]], np.uint8)
 
 
 def make_clip(rng: np.random.Generator, num_frames: int, size: int,
@@ -60,8 +64,9 @@ class LongRangeVideo(tfds.core.GeneratorBasedBuilder):
   and ``long_range_video/small`` (256 / 96, for tests and smoke runs).
   """
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.1.0": "Equidistant palette (red, green, blue, white)."}
   BUILDER_CONFIGS = [
       LongRangeVideoConfig(name="default", train_size=4096, test_size=1024,
                            description="4096 train and 1024 test clips."),

@@ -65,4 +65,4 @@ def input_shape(config: ml_collections.ConfigDict, stored_shape: tuple, train: b
 
 
 def default_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(style="imagenet", crop_size=224, resize_size=256))
+  return ml_collections.ConfigDict(dict(style="imagenet", crop_size=224, resize_size=256, image_key="image"))
