@@ -1,41 +1,54 @@
-"""tf.data input pipelines over TFDS, sharded per process, deterministic given seed and step.
+"""Index-based input pipelines: grain over TFDS random-access data sources (ArrayRecord).
 
-Train: this process's slice of the split (``tfds.split_for_jax_process``),
-repeated, shuffled with a fixed seed, augmented with stateless random ops
-seeded by (seed, example position), batched to the per-process batch and
-advanced by the step a resumed run starts from: a resumed run sees the same
-batches as an uninterrupted one. Eval: one pass in order; the last batch is
-padded and masked, so every example counts exactly once.
+Train: the position in the input stream is the training step. Global batch
+``k`` holds the examples at positions ``[k * B, (k + 1) * B)`` of the
+concatenated per-epoch permutations of the split (epoch ``e`` is a fixed
+permutation of its ``N`` examples drawn from ``(seed, e)``); process ``p``
+of ``P`` takes the ``p``-th slice of ``B / P`` of every global batch. An
+example's augmentation draws from ``numpy.random.default_rng([seed, index,
+epoch])``. So batch ``k`` of a process is a pure function of
+``(config.seed, k, process index)``: resuming at step ``S`` starts reading
+at batch ``S`` by random access (constant time, nothing is skipped) and
+yields the batches of an uninterrupted run. The checkpointed step is the
+iterator's whole state. The global batches do not depend on the number of
+processes.
 
-``config.modality`` picks the preprocessing: ``'video'``
-(:mod:`~nonlocal_jax.preprocessing.video`), ``'image'`` or
-``'segmentation'``; ``config.input`` holds its settings. Batches are numpy
-dicts ``{'inputs', 'label', 'mask'}``; :func:`to_global` makes global arrays.
+Eval: every example of the split exactly once, in order; process ``p``
+takes a contiguous ``1 / P`` of it, and every process runs
+:func:`num_eval_batches` batches, padded with ``mask=False`` examples.
+
+Decoding and augmentation (:mod:`nonlocal_jax.preprocessing.modalities`,
+chosen by ``config.modality``; settings in ``config.input``) run in
+``data_workers`` worker processes (grain ``mp_prefetch``) with a few threads
+each, or in threads of this process when it is 0. Any error in a worker
+reaches the consumer as the exception of its ``next()``; workers exit when
+their parent does, even after SIGKILL. Batches are numpy dicts
+``{'inputs', 'label', 'mask'}``; :func:`to_global` makes global arrays.
 """
 
 from __future__ import annotations
 
-import functools
 import os
+import sys
+import threading
 from collections.abc import Callable, Iterator
 
+import grain
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import flags
 from jax.experimental import multihost_utils
 
 from nonlocal_jax.data.image_folder import ImageClassFolder
 from nonlocal_jax.data.long_range_video import LongRangeVideo
 from nonlocal_jax.data.segmentation_files import Ade20k, Cityscapes19, Voc12Aug
 from nonlocal_jax.data.video_files import Charades, Kinetics, VideoClassFolder
-from nonlocal_jax.preprocessing import image as image_ops
-from nonlocal_jax.preprocessing import segmentation as segmentation_ops
-from nonlocal_jax.preprocessing import video as video_ops
+from nonlocal_jax.preprocessing import modalities
 
-# Builders of ours, prepared on first use into the data dir. Those that read
-# downloaded files take them from config.manual_dir.
+# Builders of ours, prepared on first use into the data dir (ArrayRecord files).
+# Those that read downloaded files take them from config.manual_dir.
 LOCAL_BUILDERS = {
     "long_range_video": LongRangeVideo,
     "kinetics": Kinetics,
@@ -48,20 +61,18 @@ LOCAL_BUILDERS = {
 }
 _READS_FILES = (Kinetics, Charades, VideoClassFolder, ImageClassFolder, Cityscapes19, Ade20k,
                 Voc12Aug)
-# Per modality: the shape of one example's inputs from its settings and the stored shape.
-INPUT_SHAPES = {
-    "video": video_ops.input_shape,
-    "image": image_ops.input_shape,
-    "segmentation": segmentation_ops.input_shape,
-}
-MODALITIES = tuple(INPUT_SHAPES)
+MODALITIES = tuple(modalities.MODALITIES)
+FILE_FORMAT = "array_record"  # random access: what grain reads
+# Never reached: the train stream is endless in practice (2**62 examples).
+_ENDLESS = 2**62
 
 
 def create_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The TFDS builder named by ``config.dataset`` ('name' or 'name/config'), not yet prepared.
 
   Its ``info.features`` are known without any data (see :func:`batch_spec`).
-  Catalog builders must already be prepared in ``config.data_dir``.
+  Catalog builders must already be prepared in ``config.data_dir`` (as
+  ArrayRecord files: see :func:`data_source`).
   """
   data_dir = os.path.expanduser(config.data_dir) if config.data_dir else None
   name, _, builder_config = config.dataset.partition("/")
@@ -75,6 +86,7 @@ def create_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilde
       kwargs["config"] = builder_config
     if issubclass(cls, _READS_FILES):
       kwargs["root_dir"] = config.manual_dir or None
+      kwargs["skip_bad_files"] = config.skip_bad_files
     return cls(data_dir=data_dir, **kwargs)
   try:
     builder = tfds.builder(config.dataset, data_dir=data_dir)
@@ -84,14 +96,15 @@ def create_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilde
   if not builder.is_prepared():
     raise FileNotFoundError(
         f"dataset {config.dataset!r} is not prepared in data_dir={builder.data_dir!r}; prepare "
-        "it there first (e.g. `tfds build` with the manual files), or set config.data_dir")
+        f"it there first (`tfds build {config.dataset} --file_format={FILE_FORMAT}` with the "
+        "manual files), or set config.data_dir")
   return builder
 
 
 def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
   """Builds our own data sets on first use (process 0; the others wait for it)."""
   if jax.process_index() == 0 and not builder.is_prepared():
-    builder.download_and_prepare()
+    builder.download_and_prepare(file_format=FILE_FORMAT)
   multihost_utils.sync_global_devices(f"prepared {builder.name}")
   return builder
 
@@ -101,34 +114,45 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   return prepare(create_builder(config))
 
 
-def _label(example: dict) -> tf.Tensor:
-  return tf.cast(example["label"], tf.int32)
+def data_source(builder: tfds.core.DatasetBuilder, split: str):
+  """Random-access source of a split: ``len(source)``, ``source[i]`` -> dict of numpy values.
 
-
-def preprocess_fn(config: ml_collections.ConfigDict, train: bool) -> Callable[..., dict]:
-  """(example, seed) -> {'inputs', 'label', 'mask'} for the configured modality."""
-  modality, settings = config.modality, config.input
-  if modality not in MODALITIES:
-    raise ValueError(f"config.modality={modality!r} is not one of {MODALITIES}")
-
-  def fn(example: dict, seed: tf.Tensor) -> dict:
-    if modality == "video":
-      if train:
-        inputs = video_ops.train_clip(example, seed, settings)
-      else:
-        views = video_ops.eval_views(example, settings)
-        inputs = views[0] if video_ops.num_views(settings) == 1 else views
-      label = _label(example)
-    elif modality == "image":
-      image = example[settings.image_key]
-      inputs = (image_ops.train_image(image, seed, settings) if train
-                else image_ops.eval_image(image, settings))
-      label = _label(example)
+  A data set prepared as TFRecord (``tfds build``'s default) cannot be read
+  by index: the error names the data set and how to write ArrayRecord files.
+  """
+  try:
+    return builder.as_data_source(split=split)
+  except (NotImplementedError, ValueError, FileNotFoundError) as e:
+    file_format = getattr(builder.info, "file_format", None)
+    if file_format is not None and str(getattr(file_format, "value", file_format)) == FILE_FORMAT:
+      raise
+    name = f"{builder.name}/{builder.builder_config.name}" if builder.builder_config else \
+        builder.name
+    if builder.name in LOCAL_BUILDERS:
+      fix = (f"delete {builder.data_dir!r} so that it is prepared again as {FILE_FORMAT} on the "
+             "next run")
     else:
-      image, label = example["image"], example["label"][..., 0]
-      inputs, label = (segmentation_ops.train_pair(image, label, seed, settings) if train
-                       else segmentation_ops.eval_pair(image, label, settings))
-    return {"inputs": inputs, "label": label, "mask": tf.ones((), tf.bool)}
+      fix = (f"run `tfds build {name} --data_dir=<data_dir> --file_format={FILE_FORMAT}` "
+             f"(or convert it: `tfds convert_format --dataset_version_dir={builder.data_dir} "
+             f"--out_file_format={FILE_FORMAT}`)")
+    raise ValueError(
+        f"dataset {name!r} in {builder.data_dir!r} is stored as {file_format}, which cannot be "
+        f"read by index; the input pipeline needs {FILE_FORMAT} files: {fix}") from e
+
+
+def _modality(config: ml_collections.ConfigDict) -> modalities.Modality:
+  return modalities.get(config.modality)
+
+
+def preprocess_fn(config: ml_collections.ConfigDict,
+                  train: bool) -> Callable[[dict, np.random.Generator | None], dict]:
+  """(example, rng) -> {'inputs', 'label', 'mask'} for the configured modality (rng: train only)."""
+  modality, settings = _modality(config), config.input
+
+  def fn(example: dict, rng: np.random.Generator | None = None) -> dict:
+    inputs, label = (modality.train(example, rng, settings) if train
+                     else modality.eval(example, settings))
+    return {"inputs": inputs, "label": np.asarray(label, np.int32), "mask": np.True_}
 
   return fn
 
@@ -142,16 +166,13 @@ def batch_spec(config: ml_collections.ConfigDict, features: tfds.features.Featur
   segmentation; mask (B,) bool. `features` are the data set's
   (``builder.info.features``), which need not be prepared.
   """
-  modality = config.modality
-  if modality not in INPUT_SHAPES:
-    raise ValueError(f"config.modality={modality!r} is not one of {MODALITIES}")
-  stored_key = config.input.image_key if modality == "image" else {
-      "video": "video", "segmentation": "image"}[modality]
-  stored = tuple(features[stored_key].shape)
-  if modality == "video" and len(stored) != 4:  # encoded files: sizes known only when decoded
+  modality = _modality(config)
+  stored = tuple(features[modality.stored_key(config.input)].shape)
+  if config.modality == "video" and len(stored) != 4:  # encoded files: sizes known when decoded
     stored = (None,) * 4
-  inputs = INPUT_SHAPES[modality](config.input, stored, train)
-  label = inputs[:2] if modality == "segmentation" else tuple(features["label"].shape)
+  inputs = modality.input_shape(config.input, stored, train)
+  views = 0 if train else int(modality.num_eval_views(config.input) > 1)
+  label = inputs[views:views + 2] if modality.dense_label else tuple(features["label"].shape)
   size = config.batch_size if train else config.eval_batch_size
   return {"inputs": jax.ShapeDtypeStruct((size, *inputs), np.float32),
           "label": jax.ShapeDtypeStruct((size, *label), np.int32),
@@ -160,16 +181,7 @@ def batch_spec(config: ml_collections.ConfigDict, features: tfds.features.Featur
 
 def num_eval_views(config: ml_collections.ConfigDict) -> int:
   """Views per evaluation example (1: the eval inputs have no views axis)."""
-  if config.modality != "video":
-    return 1
-  return video_ops.num_views(config.input)
-
-
-def _options() -> tf.data.Options:
-  options = tf.data.Options()
-  options.deterministic = True
-  options.threading.private_threadpool_size = max(os.cpu_count() or 1, 1)
-  return options
+  return _modality(config).num_eval_views(config.input)
 
 
 def local_batch_size(global_batch_size: int) -> int:
@@ -179,22 +191,119 @@ def local_batch_size(global_batch_size: int) -> int:
   return global_batch_size // jax.process_count()
 
 
+def num_workers(config: ml_collections.ConfigDict) -> int:
+  """Worker processes decoding and augmenting: ``config.data_workers`` (-1: one per core).
+
+  0 decodes in threads of this process (PyAV and PIL release the GIL). A
+  worker is a spawned interpreter that imports the main module and the data
+  stack again (seconds and ~1 GB each), so workers pay off for long runs on
+  many cores, not for short ones.
+  """
+  workers = config.data_workers
+  return max(os.cpu_count() or 1, 1) if workers < 0 else int(workers)
+
+
+def epoch_permutation(position: int, num_examples: int, seed: int, epoch: int) -> int:
+  """Example at `position` of epoch `epoch`'s permutation of the split (O(1), no table)."""
+  epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+  return int(grain.experimental.index_shuffle(position, max_index=num_examples - 1,
+                                              seed=epoch_seed, rounds=4))
+
+
+class _TrainExample:
+  """Local stream position -> this process's preprocessed training example (picklable)."""
+
+  def __init__(self, source, config: ml_collections.ConfigDict, process_index: int,
+               process_count: int):
+    self.source = source
+    self.num_examples = len(source)
+    self.preprocess = preprocess_fn(config, train=True)
+    self.seed = int(config.seed)
+    self.global_batch = config.batch_size
+    self.local_batch = config.batch_size // process_count
+    self.process_index = process_index
+
+  def locate(self, position: int) -> tuple[int, int]:
+    """(example index, epoch) at this process's `position`."""
+    step, offset = divmod(position, self.local_batch)
+    global_position = step * self.global_batch + self.process_index * self.local_batch + offset
+    epoch, in_epoch = divmod(global_position, self.num_examples)
+    return epoch_permutation(in_epoch, self.num_examples, self.seed, epoch), epoch
+
+  def __call__(self, position: int) -> dict:
+    index, epoch = self.locate(position)
+    rng = np.random.default_rng([self.seed, index, epoch])
+    return self.preprocess(self.source[index], rng)
+
+
+class _EvalExample:
+  """Position in this process's padded eval slice -> preprocessed example, mask=False past the end."""
+
+  def __init__(self, source, config: ml_collections.ConfigDict, start: int, count: int):
+    self.source = source
+    self.preprocess = preprocess_fn(config, train=False)
+    self.start, self.count = start, count
+
+  def __call__(self, position: int) -> dict:
+    real = position < self.count
+    # Padding repeats a real example (right shapes), masked out.
+    example = self.preprocess(self.source[self.start + position if real else 0])
+    example["mask"] = np.bool_(real)
+    return example
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+  """In a worker process: exit as soon as the process that started it is gone (even SIGKILLed)."""
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      threading.Event().wait(0.5)
+    os._exit(1)
+
+  threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def _loader(dataset: grain.MapDataset, batch_size: int, workers: int) -> grain.IterDataset:
+  """Examples -> batches of `batch_size`, decoded in `workers` processes (0: threads here)."""
+  threads = 2 if workers else max(os.cpu_count() or 1, 2)
+  ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                 prefetch_buffer_size=2 * batch_size))
+  if workers:
+    if not flags.FLAGS.is_parsed():  # grain 0.2.18 reads this flag unguarded when starting workers
+      flags.FLAGS["grain_enable_multiprocess_worker_profiling"].present = True
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                     per_worker_buffer_size=batch_size),
+                        worker_init_fn=_exit_with_parent)
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def _iterate(ds: grain.IterDataset, num_batches: int | None = None) -> Iterator[dict]:
+  """Batches of `ds` (all, or `num_batches`); its worker processes end with the generator."""
+  iterator = iter(ds)
+  try:
+    count = 0
+    while num_batches is None or count < num_batches:
+      yield next(iterator)
+      count += 1
+  finally:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      close()
+
+
 def train_iterator(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict, *,
                    start_step: int = 0) -> Iterator[dict]:
-  """Endless shuffled per-process batches of ``config.batch_size // processes``, from `start_step`."""
-  split = tfds.split_for_jax_process(config.train_split, drop_remainder=True)
-  ds = builder.as_dataset(split=split, shuffle_files=False).with_options(_options())
-  if config.cache_train:
-    ds = ds.cache()
-  ds = ds.repeat().shuffle(config.shuffle_buffer, seed=config.seed,
-                           reshuffle_each_iteration=True)
-  preprocess = preprocess_fn(config, train=True)
-  seed = config.seed * jax.process_count() + jax.process_index()
-  ds = ds.enumerate().map(
-      lambda i, ex: preprocess(ex, tf.stack([tf.cast(seed, tf.int64), i])),
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local_batch_size(config.batch_size), drop_remainder=True)
-  return ds.skip(start_step).prefetch(2).as_numpy_iterator()
+  """Endless per-process batches of ``config.batch_size // processes``, from `start_step` (O(1))."""
+  local_batch_size(config.batch_size)  # divisible by the processes
+  source = data_source(builder, config.train_split)
+  if not len(source):
+    raise ValueError(f"split {config.train_split!r} of {config.dataset!r} has no examples")
+  read = _TrainExample(source, config, jax.process_index(), jax.process_count())
+  local = read.local_batch
+  examples = grain.MapDataset.range(start_step * local, _ENDLESS).map(read)
+  return _iterate(_loader(examples, local, num_workers(config)))
 
 
 def num_eval_batches(builder: tfds.core.DatasetBuilder, split: str, global_batch_size: int) -> int:
@@ -208,25 +317,20 @@ def eval_iterator(builder: tfds.core.DatasetBuilder,
                   config: ml_collections.ConfigDict) -> Iterator[dict]:
   """One ordered pass of exactly `num_eval_batches` batches on every process.
 
-  Short batches are padded, and missing batches filled, with mask=False examples.
+  Process p reads examples [p * N // P, (p + 1) * N // P); the rest of its
+  batches are mask=False padding.
   """
   num_batches = num_eval_batches(builder, config.eval_split, config.eval_batch_size)
-  split = tfds.split_for_jax_process(config.eval_split, drop_remainder=False)
-  ds = builder.as_dataset(split=split, shuffle_files=False).with_options(_options())
-  preprocess = preprocess_fn(config, train=False)
-  ds = ds.map(functools.partial(preprocess, seed=None), num_parallel_calls=tf.data.AUTOTUNE,
-              deterministic=True)
   batch = local_batch_size(config.eval_batch_size)
-  ds = ds.batch(batch)
-  empty = jax.tree.map(lambda s: np.zeros((0, *s.shape[1:]), s.dtype.as_numpy_dtype),
-                       ds.element_spec)
-  examples = ds.prefetch(2).as_numpy_iterator()
-  for _ in range(num_batches):
-    # Once this process' slice is exhausted: all-padding batches.
-    current = next(examples, empty)
-    n = current["mask"].shape[0]
-    yield {k: np.concatenate([v, np.zeros((batch - n, *v.shape[1:]), v.dtype)])
-           for k, v in current.items()}
+  source = data_source(builder, config.eval_split)
+  n, p, count = len(source), jax.process_index(), jax.process_count()
+  if not n:
+    raise ValueError(f"split {config.eval_split!r} of {config.dataset!r} has no examples")
+  start, stop = p * n // count, (p + 1) * n // count
+  read = _EvalExample(source, config, start, stop - start)
+  examples = grain.MapDataset.range(num_batches * batch).map(read)
+  workers = min(num_workers(config), num_batches)
+  return _iterate(_loader(examples, batch, workers), num_batches)
 
 
 def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict:

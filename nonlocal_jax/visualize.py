@@ -27,16 +27,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from flax import nnx  # noqa: E402
 from matplotlib.patches import ConnectionPatch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from nonlocal_jax import checkpoints, input_pipeline, train  # noqa: E402
+from nonlocal_jax import checkpoints, config_validation, input_pipeline, train  # noqa: E402
 from nonlocal_jax.data import video_decode  # noqa: E402
 from nonlocal_jax.models import eval_mode  # noqa: E402
 from nonlocal_jax.nonlocal_block import NonLocalBlock  # noqa: E402
 from nonlocal_jax.preprocessing import image as image_ops  # noqa: E402
+from nonlocal_jax.preprocessing import modalities  # noqa: E402
 from nonlocal_jax.preprocessing import video as video_ops  # noqa: E402
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
@@ -62,7 +62,7 @@ def attention_maps(model: nnx.Module, inputs: jnp.ndarray) -> dict[str, np.ndarr
 
 def _video_example(frames: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
   """The first evaluation view of decoded frames, as the model sees it (T, S, S, 3)."""
-  views = video_ops.eval_views({"video": tf.constant(frames)}, config.input).numpy()
+  views = video_ops.eval_views({"video": frames}, config.input)
   return views[0]
 
 
@@ -72,10 +72,8 @@ def load_input(source: str, config: ml_collections.ConfigDict) -> tuple[np.ndarr
   if source.startswith("dataset"):
     index = int(source.partition(":")[2] or 0)
     builder = input_pipeline.get_builder(config)
-    split = f"{config.eval_split}[{index}:{index + 1}]"
-    example = next(iter(builder.as_dataset(split=split)))
-    preprocess = input_pipeline.preprocess_fn(config, train=False)
-    inputs = preprocess(example, None)["inputs"].numpy()
+    example = input_pipeline.data_source(builder, config.eval_split)[index]
+    inputs = input_pipeline.preprocess_fn(config, train=False)(example)["inputs"]
     if input_pipeline.num_eval_views(config) > 1:
       inputs = inputs[0]
   else:
@@ -86,27 +84,17 @@ def load_input(source: str, config: ml_collections.ConfigDict) -> tuple[np.ndarr
       num_frames, fps = video_decode.probe(source)
       length = config.input.num_frames or num_frames
       indices = video_ops.clip_indices(num_frames, length, config.input.frame_stride,
-                                       0).numpy()
+                                       0)
       inputs = _video_example(video_decode.decode_frames(source, indices, fps), config)
     elif ext in IMAGE_EXTENSIONS and modality == "image":
       image = np.asarray(Image.open(source).convert("RGB"))
-      inputs = image_ops.eval_image(tf.constant(image), config.input).numpy()
+      inputs = image_ops.eval_image(image, config.input)
     else:
       raise ValueError(f"--input {source!r}: expected a {modality} file "
                        f"({VIDEO_EXTENSIONS if modality == 'video' else IMAGE_EXTENSIONS}) "
                        "or dataset:N")
-  display = _to_display(inputs, modality, config)
+  display = modalities.get(modality).to_display(inputs, config.input)
   return inputs[None].astype(np.float32), display
-
-
-def _to_display(inputs: np.ndarray, modality: str, config) -> np.ndarray:
-  """Undo the normalisation: (T, H, W, 3) uint8 (images get T = 1)."""
-  if modality == "video":
-    pixels = (inputs * video_ops.STD + video_ops.MEAN) * 255
-  else:
-    mean, std = image_ops.STATS[config.input.style]
-    pixels = ((inputs * np.array(std) + np.array(mean)) * 255)[None]
-  return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
 
 
 def salient_queries(frames: np.ndarray, count: int) -> list[tuple[int, int, int]]:
@@ -198,7 +186,10 @@ def visualize(config: ml_collections.ConfigDict, weights: str, output: str, *,
               blocks: Sequence[str] | None = None, top_k: int = 20,
               num_queries: int = 2) -> dict[str, np.ndarray]:
   """Builds the model, loads `weights` (workdir or weights checkpoint) and draws `output`."""
-  config, _ = train.prepare_run(config)  # every config check, before any weight is read
+  config_validation.validate_config(config)  # every field, before any weight is read
+  if not config.num_classes:  # own class folders: the classes found there
+    features = input_pipeline.create_builder(config).info.features
+    config = config_validation.resolve_num_classes(config, features)
   model = train.build_model(config, nnx.Rngs(0))
   checkpoints.restore_weights(model, weights)
   inputs, frames = load_input(source, config)

@@ -1,4 +1,4 @@
-"""Semantic-segmentation augmentation in tf.data (mmsegmentation's recipe).
+"""Semantic-segmentation augmentation in numpy / PIL (mmsegmentation's recipe).
 
 Training: resize keeping the aspect ratio so the image fits ``img_scale``
 (long, short) times a random ratio in ``ratio_range``; random ``crop_size``
@@ -13,63 +13,68 @@ back to the original label size; we score at the resized scale, which is
 the same for Cityscapes (2048x1024 in, 2048x1024 scale).
 """
 
+from __future__ import annotations
+
 import ml_collections
-import tensorflow as tf
+import numpy as np
+from PIL import Image
 
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 
 
-def _rescale(image: tf.Tensor, label: tf.Tensor, img_scale, ratio: tf.Tensor):
+def _rescale(image: np.ndarray, label: np.ndarray, img_scale, ratio: float):
   """Keep-ratio resize so that the long side <= long*ratio and the short side <= short*ratio."""
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  h, w = image.shape[:2]
   long_side, short_side = float(max(img_scale)), float(min(img_scale))
-  factor = ratio * tf.minimum(long_side / tf.reduce_max(shape), short_side / tf.reduce_min(shape))
-  size = tf.cast(tf.round(shape * factor), tf.int32)
-  image = tf.image.resize(image, size, method="bilinear")
-  label = tf.image.resize(label[..., None], size, method="nearest")[..., 0]
+  factor = ratio * min(long_side / max(h, w), short_side / min(h, w))
+  size = (max(int(round(w * factor)), 1), max(int(round(h * factor)), 1))  # PIL: (w, h)
+  if size != (w, h):
+    image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    label = np.asarray(Image.fromarray(label.astype(np.uint8)).resize(size, Image.NEAREST))
+  return image, label.astype(np.int32)
+
+
+def _pad(image: np.ndarray, label: np.ndarray, size, ignore_label: int):
+  pad_h, pad_w = max(size[0] - image.shape[0], 0), max(size[1] - image.shape[1], 0)
+  image = np.pad(image, [(0, pad_h), (0, pad_w), (0, 0)])
+  label = np.pad(label, [(0, pad_h), (0, pad_w)], constant_values=ignore_label)
   return image, label
 
 
-def _pad(image: tf.Tensor, label: tf.Tensor, size, ignore_label: int):
-  shape = tf.shape(image)[:2]
-  pad_h, pad_w = tf.maximum(size[0] - shape[0], 0), tf.maximum(size[1] - shape[1], 0)
-  image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]])
-  label = tf.pad(label, [[0, pad_h], [0, pad_w]], constant_values=ignore_label)
-  return image, label
+def normalize(image: np.ndarray) -> np.ndarray:
+  return ((image.astype(np.float32) - np.float32(MEAN)) / np.float32(STD)).astype(np.float32)
 
 
-def normalize(image: tf.Tensor) -> tf.Tensor:
-  return (tf.cast(image, tf.float32) - MEAN) / STD
+def to_display(inputs: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
+  """Undoes :func:`normalize`: (1, H, W, 3) uint8 (one frame)."""
+  del config
+  pixels = inputs * np.array(STD) + np.array(MEAN)
+  return np.clip(np.round(pixels), 0, 255).astype(np.uint8)[None]
 
 
-def train_pair(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor,
-               config: ml_collections.ConfigDict) -> tuple[tf.Tensor, tf.Tensor]:
+def train_pair(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+               config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
   """(H, W, 3) uint8 image and (H, W) int label -> (crop_h, crop_w, 3) float32, (crop_h, crop_w) int32."""
-  seeds = tf.random.experimental.stateless_split(seed, 4)
-  ratio = tf.random.stateless_uniform([], seeds[0], *config.ratio_range)
-  image, label = _rescale(image, tf.cast(label, tf.int32), config.img_scale, ratio)
+  ratio = float(rng.uniform(*config.ratio_range))
+  image, label = _rescale(np.asarray(image), np.asarray(label), config.img_scale, ratio)
   crop_h, crop_w = config.crop_size
   image, label = _pad(image, label, (crop_h, crop_w), config.ignore_label)
-  shape = tf.shape(image)
-  y = tf.random.stateless_uniform([], seeds[1], 0, shape[0] - crop_h + 1, dtype=tf.int32)
-  x = tf.random.stateless_uniform([], seeds[2], 0, shape[1] - crop_w + 1, dtype=tf.int32)
-  image = tf.ensure_shape(image[y:y + crop_h, x:x + crop_w], [crop_h, crop_w, 3])
-  label = tf.ensure_shape(label[y:y + crop_h, x:x + crop_w], [crop_h, crop_w])
-  flip = tf.random.stateless_uniform([], seeds[3]) < 0.5
-  image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
-  label = tf.cond(flip, lambda: tf.reverse(label, [1]), lambda: label)
-  return normalize(image), label
+  y = int(rng.integers(0, image.shape[0] - crop_h + 1))
+  x = int(rng.integers(0, image.shape[1] - crop_w + 1))
+  image, label = image[y:y + crop_h, x:x + crop_w], label[y:y + crop_h, x:x + crop_w]
+  if rng.random() < 0.5:
+    image, label = image[:, ::-1], label[:, ::-1]
+  return normalize(image), np.ascontiguousarray(label)
 
 
-def eval_pair(image: tf.Tensor, label: tf.Tensor,
-              config: ml_collections.ConfigDict) -> tuple[tf.Tensor, tf.Tensor]:
+def eval_pair(image: np.ndarray, label: np.ndarray,
+              config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
   """Resized at ratio 1 and padded to eval_pad_size (ignored labels in the padding)."""
-  image, label = _rescale(image, tf.cast(label, tf.int32), config.img_scale, tf.constant(1.0))
+  image, label = _rescale(np.asarray(image), np.asarray(label), config.img_scale, 1.0)
   image, label = _pad(image, label, config.eval_pad_size, config.ignore_label)
   h, w = config.eval_pad_size
-  return (tf.ensure_shape(normalize(image)[:h, :w], [h, w, 3]),
-          tf.ensure_shape(label[:h, :w], [h, w]))
+  return normalize(image[:h, :w]), label[:h, :w]
 
 
 def input_shape(config: ml_collections.ConfigDict, stored_shape: tuple, train: bool) -> tuple:
