@@ -2,67 +2,73 @@
 
 Unlike ``tfds.ImageFolder`` it is prepared into a data dir, so it supports
 per-process sub-splits (``tfds.split_for_jax_process``) and split sizes.
-Every sub-folder of `root_dir` is a split; the class names are the sorted
-folder names found in all splits. Use one data_dir per data set of your own.
+Only the folders ``train``, ``val``, ``validation`` and ``test`` become
+splits (others are ignored with a warning); the class names are the sorted
+class folders of train, and val / test may not have others; an empty class
+folder is an error. Every image is decoded once while preparing, as training
+will decode it: an unreadable one fails the build naming it, or is skipped
+and listed with ``skip_bad_files=True``. Use one data_dir per data set of
+your own.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
+import re
 
+import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from nonlocal_jax.data.user_files import UserFilesBuilder
+from nonlocal_jax.data.user_files import ClassFolderBuilder, UnreadableFileError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
-def class_folder_splits(root: str) -> dict[str, list[str]]:
-  """{split: sorted class folder names} under `root`."""
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f"class-folder root {root!r} does not exist; expected "
-                            "<root>/<split>/<class name>/<files>")
-  splits = {}
-  for split in sorted(os.listdir(root)):
-    split_dir = os.path.join(root, split)
-    if os.path.isdir(split_dir):
-      splits[split] = sorted(d for d in os.listdir(split_dir)
-                             if os.path.isdir(os.path.join(split_dir, d)))
-  if not splits:
-    raise FileNotFoundError(f"no split folders in {root!r}; expected <root>/<split>/<class>/...")
-  return splits
+def _op_message(error: tf.errors.OpError) -> str:
+  """A TF op error's message without the op and device decoration."""
+  message = re.sub(r"\{\{[^}]*\}\}\s*", "", error.message)
+  return re.sub(r"\s*\[Op:\w+\]$", "", message).strip()
 
 
-def class_folder_label(root_dir: str | None) -> tfds.features.ClassLabel:
-  """ClassLabel over every class folder name below `root_dir` (placeholder when None)."""
-  if not root_dir:
-    return tfds.features.ClassLabel(num_classes=1)
-  names = sorted({c for classes in class_folder_splits(root_dir).values() for c in classes})
-  return tfds.features.ClassLabel(names=names)
+def read_image(path: str) -> bytes | np.ndarray:
+  """The file's bytes once they decode to an RGB image as training decodes them.
+
+  An animated (or single-frame) GIF becomes its first frame as an array,
+  which TFDS stores as PNG: training's decoder expects one image per file.
+  Raises UnreadableFileError for anything that does not decode.
+  """
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    image = tf.image.decode_image(data, channels=3, expand_animations=True)
+  except tf.errors.OpError as e:
+    raise UnreadableFileError(f"not a readable image ({_op_message(e)})") from e
+  if image.shape.rank == 4:
+    return image[0].numpy()
+  if image.shape[0] == 0 or image.shape[1] == 0:
+    raise UnreadableFileError(f"an image of no pixels ({image.shape[0]} x {image.shape[1]})")
+  return data
 
 
-class ImageClassFolder(UserFilesBuilder):
+class ImageClassFolder(ClassFolderBuilder):
   """Images in ``<root_dir>/<split>/<class name>/`` (see the module docstring)."""
+
+  EXTENSIONS = IMAGE_EXTENSIONS
+  RECURSIVE = False
+  WHAT = "image"
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=self.__doc__,
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(None, None, 3)),
-            "label": class_folder_label(self.root_dir),
+            "label": self._class_label(),
             "image_id": tfds.features.Text(),
         }))
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager
-    return {split: self._generate_examples(os.path.join(self._root(), split))
-            for split in class_folder_splits(self._root())}
+  def _read(self, path: str) -> dict:
+    return {"image": read_image(path)}
 
-  def _generate_examples(self, split_dir: str) -> Iterator[tuple[str, dict]]:
-    for label in sorted(os.listdir(split_dir)):
-      class_dir = os.path.join(split_dir, label)
-      for name in sorted(os.listdir(class_dir)):
-        if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-          key = f"{label}/{name}"
-          yield key, {"image": os.path.join(class_dir, name), "label": label, "image_id": key}
+  def _example_id(self, label: str, relative: str) -> tuple[str, dict]:
+    key = f"{label}/{relative}"
+    return key, {"image_id": key}

@@ -14,15 +14,44 @@ import av
 import numpy as np
 
 
-def probe(source: str | bytes | BinaryIO) -> tuple[int, float]:
-  """(number of frames, frames per second) of the first video stream."""
-  with av.open(_as_file(source)) as container:
-    stream = container.streams.video[0]
-    fps = float(stream.average_rate or stream.guessed_rate or 30)
-    num_frames = stream.frames
-    if not num_frames:  # container without a frame count: count by decoding
-      num_frames = sum(1 for _ in container.decode(stream))
-    return int(num_frames), fps
+class VideoReadError(ValueError):
+  """Data that is not a readable video; the message says why (the caller adds the file)."""
+
+
+def probe(source: str | bytes | BinaryIO, verify: bool = False) -> tuple[int, float]:
+  """(number of frames, frames per second) of the first video stream.
+
+  With `verify`, also decodes the first frame and reads every packet (without
+  decoding them), so a file cut short (fewer packets than the frames its
+  header lists) is caught here rather than mid-training.
+  Raises VideoReadError for data that is not a readable video.
+  """
+  if verify and not isinstance(source, (str, bytes, bytearray)):
+    source = source.read()  # read twice below
+  try:
+    with av.open(_as_file(source)) as container:
+      if not container.streams.video:
+        raise VideoReadError("no video stream")
+      stream = container.streams.video[0]
+      fps = float(stream.average_rate or stream.guessed_rate or 30)
+      num_frames = stream.frames
+      if not num_frames:  # container without a frame count: count by decoding
+        num_frames = sum(1 for _ in container.decode(stream))
+      elif verify:
+        packets = sum(1 for packet in container.demux(stream) if packet.size)
+        if packets < num_frames:
+          raise VideoReadError(f"cut short: {packets} of the {num_frames} frames its header "
+                               "lists are in the file")
+    if not num_frames:
+      raise VideoReadError("no decodable frame")
+    if verify:
+      with av.open(_as_file(source)) as container:
+        if next(container.decode(container.streams.video[0]), None) is None:
+          raise VideoReadError("no decodable frame")
+  except av.FFmpegError as e:  # its message names the input as '<none>' for bytes
+    reason = getattr(e, "strerror", None) or str(e)
+    raise VideoReadError(f"not a readable video ({reason})") from e
+  return int(num_frames), fps
 
 
 def decode_frames(source: str | bytes | BinaryIO, indices: np.ndarray,

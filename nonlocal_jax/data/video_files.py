@@ -11,7 +11,12 @@ The files are read from the builder's manual dir
 (``config.manual_dir`` -> ``tfds.download.DownloadConfig(manual_dir=...)``);
 the layouts are in each builder's MANUAL_DOWNLOAD_INSTRUCTIONS and README.
 Videos listed in an annotation file but missing on disk are skipped and
-counted in the log (Kinetics always has some).
+counted in the log (Kinetics always has some). Every video is probed, its
+packets read and its first frame decoded while preparing: an unreadable one
+fails the build naming it, or is skipped, counted and listed with
+``skip_bad_files=True`` (``config.skip_bad_files``). The frame counts are
+also kept in ``builder.info.metadata['num_frames'][split]`` ({name: frames},
+the name being the example key) for :mod:`nonlocal_jax.data.clip_lengths`.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from nonlocal_jax.data import video_decode
-from nonlocal_jax.data.image_folder import class_folder_label, class_folder_splits
-from nonlocal_jax.data.user_files import UserFilesBuilder
+from nonlocal_jax.data.clip_lengths import FRAME_COUNTS
+from nonlocal_jax.data.user_files import ClassFolderBuilder, UnreadableFileError, UserFilesBuilder
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 
@@ -41,10 +46,32 @@ def _video_features(label: tfds.features.FeatureConnector) -> tfds.features.Feat
   })
 
 
+def _video_info(builder: UserFilesBuilder, label: tfds.features.FeatureConnector,
+                description: str) -> tfds.core.DatasetInfo:
+  """DatasetInfo with the video features and a metadata dict for the frame counts."""
+  return builder.dataset_info_from_configs(features=_video_features(label),
+                                           description=description,
+                                           metadata=tfds.core.MetadataDict())
+
+
+def _note_frames(builder: UserFilesBuilder, split: str, name: str, num_frames: int) -> None:
+  """Records a video's frame count in ``info.metadata['num_frames'][split][name]``.
+
+  Saved with the prepared data (metadata.json), so the clip lengths can be
+  checked (:mod:`nonlocal_jax.data.clip_lengths`) without reading the videos.
+  """
+  counts = builder.info.metadata.setdefault(FRAME_COUNTS, {})
+  counts.setdefault(split, {})[name] = int(num_frames)
+
+
 def _read_video(path: str) -> dict:
+  """The video features of the file at `path`; UnreadableFileError if it is no readable video."""
   with open(path, "rb") as f:
     data = f.read()
-  num_frames, fps = video_decode.probe(data)
+  try:
+    num_frames, fps = video_decode.probe(data, verify=True)
+  except video_decode.VideoReadError as e:
+    raise UnreadableFileError(str(e)) from e
   return {"video": data, "num_frames": num_frames, "fps": fps}
 
 
@@ -65,28 +92,34 @@ def _require(path: str, what: str) -> str:
   return path
 
 
-class VideoClassFolder(UserFilesBuilder):
+class VideoClassFolder(ClassFolderBuilder):
   """Own videos in class folders: ``<root_dir>/<split>/<class name>/<video>.mp4``.
 
-  Every sub-folder of `root_dir` is a split (e.g. train, test); the class
-  names are the sorted folder names of all splits. Use one data_dir per data
-  set of your own.
+  Only the folders train, val, validation and test become splits (others
+  are ignored with a warning); videos may be anywhere below a class folder.
+  The class names are the sorted class folders of train; val / test may not
+  have others, and an empty class folder is an error. Use one data_dir per
+  data set of your own.
   """
 
+  EXTENSIONS = VIDEO_EXTENSIONS
+  RECURSIVE = True
+  WHAT = "video"
+
   def _info(self) -> tfds.core.DatasetInfo:
-    label = class_folder_label(self.root_dir)
-    return self.dataset_info_from_configs(features=_video_features(label),
-                                          description=self.__doc__)
+    return _video_info(self, self._class_label(), self.__doc__)
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager
-    return {split: self._generate_examples(os.path.join(self._root(), split))
-            for split in class_folder_splits(self._root())}
+  def _read(self, path: str) -> dict:
+    return _read_video(path)
 
-  def _generate_examples(self, split_dir: str) -> Iterator[tuple[str, dict]]:
-    for label in sorted(os.listdir(split_dir)):
-      for video_id, path in sorted(_find_videos(os.path.join(split_dir, label)).items()):
-        yield f"{label}/{video_id}", {**_read_video(path), "video_id": video_id, "label": label}
+  def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
+    for key, example in super()._generate_examples(split):
+      _note_frames(self, split, key, example["num_frames"])
+      yield key, example
+
+  def _example_id(self, label: str, relative: str) -> tuple[str, dict]:
+    video_id = os.path.splitext(os.path.basename(relative))[0]
+    return f"{label}/{relative}", {"video_id": video_id}
 
 
 class Kinetics(UserFilesBuilder):
@@ -112,26 +145,34 @@ class Kinetics(UserFilesBuilder):
       label = tfds.features.ClassLabel(names=names)
     else:
       label = tfds.features.ClassLabel(num_classes=400)
-    return self.dataset_info_from_configs(features=_video_features(label),
-                                          description=self.__doc__)
+    return _video_info(self, label, self.__doc__)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager
-    return {split: self._generate_examples(csv_name, folder)
+    return {split: self._generate_examples(split, csv_name, folder)
             for split, (csv_name, folder) in self.SPLIT_FILES.items()}
 
-  def _generate_examples(self, csv_name: str, folder: str) -> Iterator[tuple[str, dict]]:
+  def _generate_examples(self, split: str, csv_name: str,
+                         folder: str) -> Iterator[tuple[str, dict]]:
     videos = _find_videos(_require(os.path.join(self._root(), folder), "Kinetics videos"))
-    missing = 0
+    missing = count = 0
     for row in self._rows(csv_name):
       clip_id = f"{row['youtube_id']}_{int(row['time_start']):06d}_{int(row['time_end']):06d}"
       path = videos.get(clip_id) or videos.get(row["youtube_id"])
       if path is None:
         missing += 1
         continue
-      yield clip_id, {**_read_video(path), "video_id": clip_id, "label": row["label"]}
-    logging.warning("Kinetics %s: %d videos listed in %s are missing on disk", folder, missing,
-                    csv_name)
+      try:
+        features = _read_video(path)
+      except (UnreadableFileError, OSError) as e:
+        self._bad_file(split, path, e)
+        continue
+      count += 1
+      _note_frames(self, split, clip_id, features["num_frames"])
+      yield clip_id, {**features, "video_id": clip_id, "label": row["label"]}
+    logging.warning("Kinetics %s: %d videos listed in %s are missing on disk, %d unreadable",
+                    folder, missing, csv_name, len(self.bad_files.get(split, [])))
+    self._end_split(split, count)
 
 
 class Charades(UserFilesBuilder):
@@ -147,27 +188,35 @@ class Charades(UserFilesBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     label = tfds.features.Tensor(shape=(self.NUM_CLASSES,), dtype=np.int32)
-    return self.dataset_info_from_configs(features=_video_features(label),
-                                          description=self.__doc__)
+    return _video_info(self, label, self.__doc__)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager
-    return {"train": self._generate_examples("Charades_v1_train.csv"),
-            "test": self._generate_examples("Charades_v1_test.csv")}
+    return {"train": self._generate_examples("train", "Charades_v1_train.csv"),
+            "test": self._generate_examples("test", "Charades_v1_test.csv")}
 
-  def _generate_examples(self, csv_name: str) -> Iterator[tuple[str, dict]]:
+  def _generate_examples(self, split: str, csv_name: str) -> Iterator[tuple[str, dict]]:
     root = self._root()
     videos = _find_videos(_require(os.path.join(root, "Charades_v1_480"), "Charades videos"))
     with open(_require(os.path.join(root, csv_name), "Charades annotations"), newline="") as f:
       rows = list(csv.DictReader(f))
-    missing = 0
+    missing = count = 0
     for row in rows:
       path = videos.get(row["id"])
       if path is None:
         missing += 1
         continue
+      try:
+        features = _read_video(path)
+      except (UnreadableFileError, OSError) as e:
+        self._bad_file(split, path, e)
+        continue
       label = np.zeros(self.NUM_CLASSES, np.int32)
       for action in filter(None, (row.get("actions") or "").split(";")):
         label[int(action.split()[0][1:])] = 1
-      yield row["id"], {**_read_video(path), "video_id": row["id"], "label": label}
-    logging.warning("Charades %s: %d videos missing on disk", csv_name, missing)
+      count += 1
+      _note_frames(self, split, row["id"], features["num_frames"])
+      yield row["id"], {**features, "video_id": row["id"], "label": label}
+    logging.warning("Charades %s: %d videos missing on disk, %d unreadable", csv_name, missing,
+                    len(self.bad_files.get(split, [])))
+    self._end_split(split, count)
