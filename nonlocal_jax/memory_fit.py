@@ -13,7 +13,8 @@ from typing import Any
 
 import jax
 
-GiB = 2**30
+from nonlocal_jax.tpu_chips import GiB
+
 FIX_HINT = ("use a smaller per-chip batch, config.remat='blocks' (recompute activations in the "
             "backward pass) or config.compute_dtype='bfloat16'")
 

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nonlocal_jax.local_relation import LocalRelation
-from nonlocal_jax.models.resnet_layers import ClassificationHead, ConvNorm, Norm, make_norm
+from nonlocal_jax.models.resnet_layers import (ClassificationHead, ConvNorm, Norm, check_input,
+                                               make_norm)
 from nonlocal_jax.pooling import max_pool
 
 # Bottlenecks per stage res2..res5: LR-Net-26 (2 x 4 x 3 + 2 layers) and LR-Net-50.
@@ -157,8 +158,7 @@ class LRNet(nnx.Module):
 
   def features(self, x: jax.Array) -> jax.Array:
     """(B, H, W, C) -> res5 features (B, H/32, W/32, stage_out_features[-1])."""
-    if x.ndim != 4:
-      raise ValueError(f"image models take (B, H, W, C) images; got shape {x.shape}")
+    check_input(x, "(B, H, W, C) images")
     x = nnx.relu(self.stem_conv(x))
     x = nnx.relu(self.stem_relation(x))
     x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))

@@ -21,6 +21,34 @@ from nonlocal_jax.normalization import batch_norm
 
 Norm = Literal["batch_norm", "affine"]
 NORMS = ("batch_norm", "affine")
+Remat = Literal["none", "blocks", "full"]
+# Rematerialisation (gradient checkpointing, JAX docs "Control autodiff's saved
+# values with jax.checkpoint"): 'blocks' keeps only the input of every residual
+# and non-local block for the backward pass and recomputes the rest; 'full'
+# puts the whole backbone forward under one checkpoint.
+REMAT_MODES = ("none", "blocks", "full")
+
+
+def check_remat(remat: str) -> str:
+  """`remat` itself if it is one of REMAT_MODES; a ValueError naming them otherwise."""
+  if remat not in REMAT_MODES:
+    raise ValueError(f"remat={remat!r} is not supported; choose one of {REMAT_MODES}")
+  return remat
+
+
+def _call(module: nnx.Module, *args: Any) -> Any:
+  return module(*args)
+
+
+def rematerialized(module: nnx.Module, *args: Any, enabled: bool = True) -> Any:
+  """``module(*args)`` under ``nnx.remat`` (jax.checkpoint lifted to NNX) when `enabled`.
+
+  The forward activations inside `module` are not kept for the backward pass
+  but recomputed from its inputs; results, gradients and state updates (BN
+  statistics) are the same. Only a trace-time wrapper: the module's
+  parameters and their paths are untouched.
+  """
+  return nnx.remat(_call)(module, *args) if enabled else module(*args)
 
 # Caffe2 MSRAFill / fvcore c2_msra_fill: He normal with fan_out.
 msra_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -52,6 +80,23 @@ def make_norm(num_features: int, norm: Norm, *, zero_init: bool = False, dtype=N
     return FrozenAffine(num_features, scale_init=scale_init, param_dtype=param_dtype, rngs=rngs)
   return batch_norm(num_features, momentum=0.9, epsilon=1e-5, scale_init=scale_init,
                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def check_input(x: jax.Array, layout: str) -> None:
+  """A model's input must have the rank of `layout` (e.g. '(B, T, H, W, C) clips') and be float.
+
+  Models take normalised float inputs, as the input pipeline makes them
+  (``nonlocal_jax.preprocessing``: video (x / 255 - 0.45) / 0.225, images
+  with the ImageNet mean / std); raw uint8 pixels are refused here rather
+  than failing inside a convolution.
+  """
+  rank = layout.split(")")[0].count(",") + 1
+  if x.ndim != rank:
+    raise ValueError(f"this model takes {layout}; got shape {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"this model takes float {layout}, normalised as the input pipeline does "
+                    f"(e.g. video: (x / 255 - 0.45) / 0.225); got dtype {x.dtype}. Convert uint8 "
+                    "pixels first, e.g. with nonlocal_jax.preprocessing.video.normalize")
 
 
 STAGE_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -188,6 +233,8 @@ class ResStage(nnx.Module):
     nonlocal_indices: 0-based block indices after which a NonLocalBlock is
       inserted (after the block's final ReLU, as in the official code).
     nonlocal_options: keyword arguments of every NonLocalBlock of the stage.
+    remat_blocks: every bottleneck and non-local block under ``nnx.remat``
+      (the model's ``remat='blocks'``).
 
   x: (B, *positions, in_features) -> (B, *positions / stride, out_features).
   """
@@ -197,8 +244,9 @@ class ResStage(nnx.Module):
                stride: Sequence[int], dilations: Sequence[Sequence[int]],
                nonlocal_indices: Sequence[int] = (),
                nonlocal_options: Mapping[str, Any] | None = None, norm: Norm = "batch_norm",
-               zero_init_residual: bool = True, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               zero_init_residual: bool = True, remat_blocks: bool = False, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.remat_blocks = remat_blocks
     num_blocks = len(a_kernels)
     bad = [i for i in nonlocal_indices if not 0 <= i < num_blocks]
     if bad:
@@ -220,9 +268,9 @@ class ResStage(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for i, block in enumerate(self.blocks):
-      x = block(x)
+      x = rematerialized(block, x, enabled=self.remat_blocks)
       if str(i) in self.nonlocal_blocks:
-        x = self.nonlocal_blocks[str(i)](x)
+        x = rematerialized(self.nonlocal_blocks[str(i)], x, enabled=self.remat_blocks)
     return x
 
 

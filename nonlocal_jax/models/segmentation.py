@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nonlocal_jax.models.resnet_layers import ConvNorm, Norm, ResStage, resolve_stage_depths
+from nonlocal_jax.models.resnet_layers import (ConvNorm, Norm, Remat, ResStage, check_input,
+                                               check_remat, rematerialized, resolve_stage_depths)
 from nonlocal_jax.nonlocal_block import NonLocalBlock
 from nonlocal_jax.pooling import max_pool
 
@@ -62,6 +63,10 @@ class NonLocalSegmenter(nnx.Module):
     nonlocal_options: overrides of the head's NonLocalBlock (defaults are
       mmseg's: no subsampling, no W_z bias, 1/sqrt(d) scale).
     norm: backbone and head norm.
+    remat: ``'none'``, ``'blocks'`` (every residual block and the head's
+      non-local block under ``nnx.remat``) or ``'full'`` (the whole backbone
+      forward under one ``nnx.remat``): less activation memory in training,
+      same results and parameter paths.
 
   Input (B, H, W, C). Returns (logits, aux_logits), both (B, H, W,
   num_classes); aux_logits is None in eval mode (``nnx.view(model,
@@ -81,10 +86,12 @@ class NonLocalSegmenter(nnx.Module):
       nonlocal_options: Mapping[str, Any] | None = None,
       norm: Norm = "batch_norm",
       in_channels: int = 3,
+      remat: Remat = "none",
       dtype: Any = None,
       param_dtype: Any = jnp.float32,
       rngs: nnx.Rngs,
   ):
+    self.remat = check_remat(remat)
     stage_depths = resolve_stage_depths(depth, stage_depths, ((),) * 4)
     common = dict(norm=norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     half = max(width // 2, 1)
@@ -101,7 +108,7 @@ class NonLocalSegmenter(nnx.Module):
       stages.append(ResStage(
           in_features, inner, 4 * inner, a_kernels=[(1, 1)] * n, b_kernels=[(3, 3)] * n,
           stride=(stride, stride), dilations=[(d, d) for d in block_dilations],
-          zero_init_residual=False, **common))
+          zero_init_residual=False, remat_blocks=remat == "blocks", **common))
       in_features = 4 * inner
     self.stages = nnx.List(stages)
     stage3_features = in_features // 2
@@ -130,8 +137,7 @@ class NonLocalSegmenter(nnx.Module):
 
   def backbone(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(B, H, W, C) -> (stage-3 features, stage-4 features), both at stride 8."""
-    if x.ndim != 4:
-      raise ValueError(f"segmentation models take (B, H, W, C) images; got shape {x.shape}")
+    check_input(x, "(B, H, W, C) images")
     for layer in self.stem:
       x = layer(x)
     x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
@@ -144,8 +150,12 @@ class NonLocalSegmenter(nnx.Module):
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """(B, H, W, C) -> (logits, aux_logits or None), each (B, H, W, num_classes)."""
     size = x.shape[1:3]
-    stage3, stage4 = self.backbone(x)
-    y = self.head_out(self.nonlocal_block(self.head_in(stage4)))
+    if self.remat == "full":
+      stage3, stage4 = nnx.remat(NonLocalSegmenter.backbone)(self, x)
+    else:
+      stage3, stage4 = self.backbone(x)
+    y = rematerialized(self.nonlocal_block, self.head_in(stage4), enabled=self.remat == "blocks")
+    y = self.head_out(y)
     y = self.head_cat(jnp.concatenate([stage4, y], axis=-1))
     logits = _upsample(self.classifier(y), size)
     if self.deterministic:

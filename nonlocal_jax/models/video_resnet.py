@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nonlocal_jax.models.resnet_layers import (ClassificationHead, ConvNorm, Norm, ResStage,
+from nonlocal_jax.models.resnet_layers import (ClassificationHead, ConvNorm, Norm, Remat,
+                                               ResStage, check_input, check_remat,
                                                resolve_stage_depths)
 from nonlocal_jax.pooling import max_pool
 
@@ -76,6 +77,11 @@ class VideoResNet(nnx.Module):
     norm: ``'batch_norm'`` or ``'affine'`` (frozen, folded BN).
     zero_init_residual: gamma = 0 in the last BN of every bottleneck.
     in_channels: input channels (3).
+    remat: rematerialisation in training (less activation memory, about
+      one more forward pass of compute): ``'none'``, ``'blocks'`` (every
+      residual and non-local block under ``nnx.remat``) or ``'full'`` (the
+      whole backbone forward under one ``nnx.remat``). Parameters and their
+      paths do not depend on it.
   """
 
   def __init__(
@@ -98,10 +104,12 @@ class VideoResNet(nnx.Module):
       norm: Norm = "batch_norm",
       zero_init_residual: bool = True,
       in_channels: int = 3,
+      remat: Remat = "none",
       dtype: Any = None,
       param_dtype: Any = jnp.float32,
       rngs: nnx.Rngs,
   ):
+    self.remat = check_remat(remat)
     for name, value, choices in [("arch", arch, ARCHS), ("inflation", inflation, INFLATIONS),
                                  ("clip", clip, CLIPS),
                                  ("stem_pool_padding", stem_pool_padding, STEM_POOL_PADDINGS)]:
@@ -136,7 +144,7 @@ class VideoResNet(nnx.Module):
           in_features, inner, 4 * inner, a_kernels=a_kernels, b_kernels=b_kernels,
           stride=(1, 1, 1) if s == 0 else (1, 2, 2), dilations=[(1, 1, 1)] * n,
           nonlocal_indices=tuple(nl), nonlocal_options={**(nonlocal_options or {}), **options},
-          zero_init_residual=zero_init_residual, **common))
+          zero_init_residual=zero_init_residual, remat_blocks=remat == "blocks", **common))
       in_features = 4 * inner
     self.stages = nnx.List(stages)
     self.head = ClassificationHead(in_features, num_classes, dropout_rate=dropout_rate,
@@ -148,8 +156,7 @@ class VideoResNet(nnx.Module):
 
     Without the temporal pool after res2, T is not halved there.
     """
-    if x.ndim != 5:
-      raise ValueError(f"video models take (B, T, H, W, C) clips; got shape {x.shape}")
+    check_input(x, "(B, T, H, W, C) clips")
     x = nnx.relu(self.stem(x))
     x = max_pool(x, self.stem_pool_window, self.stem_pool_stride, self.stem_pool_padding)
     for s, stage in enumerate(self.stages):
@@ -163,4 +170,6 @@ class VideoResNet(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """(B, T, H, W, C) -> logits (B, num_classes)."""
+    if self.remat == "full":
+      return self.head(nnx.remat(VideoResNet.features)(self, x))
     return self.head(self.features(x))
