@@ -30,9 +30,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.task = "classification"  # or 'multilabel', 'segmentation'
   config.modality = "video"  # or 'image', 'segmentation'
   config.input = ml_collections.ConfigDict()  # preprocessing of the modality
-  config.cache_train = False
-  config.shuffle_buffer = 4096
+  config.data_workers = 0  # decoding processes (grain); 0: threads of the trainer, -1: one per core
   config.ignore_label = 255
+  config.skip_bad_files = False  # own-data builders: skip unreadable files (listed) or fail
+  config.pad_short_clips = False  # videos shorter than a clip: repeat the last frame or fail
   config.aux_loss_weight = 0.4
   # Model.
   config.model = ml_collections.ConfigDict()

@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 from flax import nnx
 
 from nonlocal_jax import input_pipeline
+from nonlocal_jax.data import clip_lengths
 from nonlocal_jax.models import get_spec
 from nonlocal_jax.tasks import TASKS
 
@@ -27,7 +28,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 REMATS = ("none", "blocks", "full")
 
 
-def _problems(config: ml_collections.ConfigDict) -> list[str]:
+def _problems(config: ml_collections.ConfigDict, num_devices: int | None) -> list[str]:
   problems = []
 
   def need(ok: bool, field: str, accepted: str) -> None:
@@ -42,9 +43,9 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
                 "checkpoint_every_steps", "keep_checkpoints"):
     need(isinstance(config[field], int) and config[field] > 0, field, "must be a positive int")
   for field in ("batch_size", "eval_batch_size"):
-    if isinstance(config[field], int) and config[field] > 0:
-      need(config[field] % jax.device_count() == 0, field,
-           f"must be divisible by the {jax.device_count()} devices")
+    if num_devices and isinstance(config[field], int) and config[field] > 0:
+      need(config[field] % num_devices == 0, field,
+           f"must be divisible by the {num_devices} devices")
   need(config.eval_every_steps >= 0, "eval_every_steps", "must be >= 0 (0: only at the end)")
   need(0 <= config.warmup_steps < max(config.num_train_steps, 1), "warmup_steps",
        f"must be in [0, num_train_steps={config.num_train_steps})")
@@ -74,24 +75,42 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
   return problems
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises one ValueError listing every invalid field of `config` (nothing is read or built)."""
-  problems = _problems(config)
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises one ValueError listing every invalid field of `config` (nothing is read or built).
+
+  With `num_devices` (a training run), batch sizes must also divide over them.
+  """
+  problems = _problems(config, num_devices)
   if problems:
     raise ValueError(f"{len(problems)} problem(s) in the config:\n  " + "\n  ".join(problems))
 
 
 def resolve_num_classes(config: ml_collections.ConfigDict,
                         features: tfds.features.FeaturesDict) -> ml_collections.ConfigDict:
-  """`config` with ``num_classes`` taken from the data set's labels when it is 0."""
-  if config.num_classes or config.task == "segmentation":
+  """`config` with ``num_classes`` from the data set's labels when it is 0; checked otherwise.
+
+  A config whose ``num_classes`` disagrees with the labels found in the data
+  (class folders, a ClassLabel, multi-hot vectors) is an error naming both.
+  """
+  if config.task == "segmentation":
     return config
   label = features["label"]
-  if not isinstance(label, tfds.features.ClassLabel):
-    raise ValueError(f"config.num_classes=0 takes the classes from the data set, but its label "
-                     f"feature is {type(label).__name__}; set config.num_classes")
-  config = config.copy_and_resolve_references()
-  config.num_classes = label.num_classes
+  if isinstance(label, tfds.features.ClassLabel):
+    found, what = label.num_classes, "classes"
+  elif len(label.shape) == 1 and label.shape[0]:
+    found, what = label.shape[0], "entries per multi-hot label"
+  else:
+    found, what = None, ""
+  if not config.num_classes:
+    if found is None:
+      raise ValueError(f"config.num_classes=0 takes the classes from the data set, but its label "
+                       f"feature {label!r} does not say how many; set config.num_classes")
+    config = config.copy_and_resolve_references()
+    config.num_classes = found
+  elif found is not None and found != config.num_classes:
+    raise ValueError(f"config.num_classes={config.num_classes} but the data set "
+                     f"{config.dataset!r} has {found} {what}; set config.num_classes={found} "
+                     "(or 0 to take it from the data)")
   return config
 
 
@@ -118,3 +137,15 @@ def check_model_takes_inputs(config: ml_collections.ConfigDict,
       raise ValueError(
           f"model {config.model.name!r} cannot take the {kind} inputs of this config, shape "
           f"{inputs.shape} (config.input: {config.input.to_dict()}): {e}") from None
+
+
+def check_video_lengths(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> None:
+  """Videos of the prepared data set shorter than a clip: an error naming them, or a warning
+  when ``config.pad_short_clips`` (their last frame is repeated)."""
+  if config.modality != "video" or "num_frames" not in builder.info.features:
+    return  # decoded clips of a fixed length (e.g. our synthetic set)
+  needed = clip_lengths.frames_needed(config.input.num_frames, config.input.frame_stride)
+  for split in dict.fromkeys((config.train_split, config.eval_split)):
+    counts = clip_lengths.stored_frame_counts(builder.info.metadata, split)
+    if counts is not None:  # None: prepared by a builder that does not record them
+      clip_lengths.check_clip_lengths(counts, needed, config.pad_short_clips, split=split)

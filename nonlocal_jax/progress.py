@@ -16,7 +16,7 @@ from clu import periodic_actions
 
 
 # Libraries whose INFO lines say nothing a user acts on (each checkpoint save logs a dozen).
-_QUIET_BELOW_WARNING = ("/orbax/", "/clu/metric_writers/")
+_QUIET_BELOW_WARNING = ("/orbax/", "/clu/metric_writers/", "/clu/platform/")
 
 
 class _LibraryInfoFilter(std_logging.Filter):
@@ -26,7 +26,10 @@ class _LibraryInfoFilter(std_logging.Filter):
 
 
 def quiet_library_logs() -> None:
-  """Drops INFO lines of orbax and clu's writers from absl's log (warnings still show)."""
+  """Drops the INFO lines of orbax and clu (writers, work-unit notes) from absl's log.
+
+  Their warnings and errors still show.
+  """
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
 
 

@@ -295,7 +295,7 @@ def prepare_run(config: ml_collections.ConfigDict) -> tuple[ml_collections.Confi
   Returns the config with ``num_classes`` resolved from the labels when it
   was 0, and the (not yet prepared) TFDS builder.
   """
-  config_validation.validate_config(config)
+  config_validation.validate_config(config, jax.device_count())
   builder = input_pipeline.create_builder(config)
   config = config_validation.resolve_num_classes(config, builder.info.features)
   config_validation.check_model_takes_inputs(config, builder.info.features)
@@ -316,7 +316,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   lock = workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
     run_checkpoints.check_run_spec(workdir, config)
-    return _train_and_evaluate(config, workdir, input_pipeline.prepare(builder))
+    builder = input_pipeline.prepare(builder)
+    config_validation.check_video_lengths(config, builder)
+    return _train_and_evaluate(config, workdir, builder)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

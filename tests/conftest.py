@@ -9,3 +9,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+  """A TFDS data dir holding the small synthetic long-range video set (256 / 96 clips)."""
+  from nonlocal_jax.data.long_range_video import LongRangeVideo
+
+  path = str(tmp_path_factory.mktemp("tfds"))
+  LongRangeVideo(config="small", data_dir=path).download_and_prepare(file_format="array_record")
+  return path

@@ -33,6 +33,8 @@ CONFIGS = [
     ("segmentation", "cityscapes_r50_512x1024_40k"), ("segmentation", "cityscapes_r101_769x769_80k"),
     ("segmentation", "ade20k_r50_512x512_80k"), ("segmentation", "voc12aug_r101_512x512_20k"),
     ("image_folder", "resnet50_nl5"), ("video_folder", "i3d_nl5_r50"),
+    ("image_folder", "resnet_nl_tiny"), ("video_folder", "c2d_nl_tiny"),
+    ("cifar10", "lrnet_tiny"), ("imagenet", "lrnet50"),
 ]
 
 
@@ -115,7 +117,6 @@ def shrink(config):
   """Batch sizes of 2 / 1 so a batch is cheap; everything else as configured."""
   config.batch_size = 2
   config.eval_batch_size = 1
-  config.shuffle_buffer = 4
   return config
 
 
@@ -148,6 +149,10 @@ def test_config_builds_model_and_pipeline(name, variant, tmp_path, monkeypatch):
     assert config.num_classes == 2  # two class folders
 
   assert train_batch["inputs"].dtype == np.float32 and np.isfinite(train_batch["inputs"]).all()
+  # The shapes the config promises before any data is read (validation, AOT) are the real ones.
+  for batch, is_train in ((train_batch, True), (eval_batch, False)):
+    spec = input_pipeline.batch_spec(config, builder.info.features, train=is_train)
+    assert {k: v.shape[1:] for k, v in spec.items()} == {k: v.shape[1:] for k, v in batch.items()}
   assert eval_batch["mask"].any()
   if config.task == "multilabel":
     assert train_batch["label"].shape == (2, config.num_classes)

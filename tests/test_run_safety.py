@@ -16,33 +16,13 @@ import pytest
 from absl import flags
 from flax import nnx
 from ml_collections import config_flags
+from PIL import Image
 
 from configs import default as default_config
 from nonlocal_jax import run_checkpoints, train, workdir_lock
-from nonlocal_jax.data.long_range_video import LongRangeVideo
+from tests.small_run import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  LongRangeVideo(config="small", data_dir=path).download_and_prepare()
-  return path
-
-
-def small_config(data_dir, **overrides):
-  config = default_config.get_config()
-  config.dataset = "long_range_video/small"
-  config.data_dir = data_dir
-  config.batch_size = 16
-  config.eval_batch_size = 32
-  config.num_train_steps = 20
-  config.warmup_steps = 0
-  config.log_every_steps = 10
-  config.checkpoint_every_steps = 10
-  config.update(overrides)
-  return config
 
 
 def _hold_in_subprocess(workdir):
@@ -178,8 +158,9 @@ def test_cifar_style_on_images_of_any_size_fails_up_front(tmp_path):
   from configs import image_folder
   root = tmp_path / "images"
   for split in ("train", "test"):
-    for label in ("a", "b"):
+    for label, size in (("a", (40, 30)), ("b", (20, 50))):  # images of different sizes
       (root / split / label).mkdir(parents=True)
+      Image.fromarray(np.zeros((*size, 3), np.uint8)).save(root / split / label / "x.png")
   config = image_folder.get_config("resnet_tiny")
   config.manual_dir, config.data_dir = str(root), str(tmp_path / "tfds")
   config.input.style = "cifar"
@@ -256,3 +237,22 @@ def test_visualize_names_a_model_without_nonlocal_blocks():
   model = train.build_model(config, nnx.Rngs(0))
   with pytest.raises(ValueError, match="VideoResNet has no non-local blocks.*c2d_nl_tiny"):
     visualize.attention_maps(model, jnp.zeros((1, 8, 32, 32, 3)))
+
+
+def test_num_classes_that_disagrees_with_the_data_names_both(tmp_path):
+  config = small_config(str(tmp_path / "tfds"), num_classes=5)
+  with pytest.raises(ValueError, match="num_classes=5 but the data set.*has 2 classes"):
+    train.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert not os.path.exists(tmp_path / "tfds")
+
+
+@pytest.mark.parametrize("name,shape", [("c2d_nl_tiny", (1, 8, 32, 32, 3)),
+                                        ("resnet_tiny", (1, 32, 32, 3)),
+                                        ("nonlocalnet_tiny", (1, 64, 64, 3))])
+def test_uint8_pixels_are_refused_with_what_is_expected(name, shape):
+  from nonlocal_jax.models import create_model
+  model = create_model(name, num_classes=2, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=r"takes float .*normalised.*got dtype uint8"):
+    model(jnp.zeros(shape, jnp.uint8))
+  with pytest.raises(ValueError, match=r"takes \(B, .*got shape"):
+    model(jnp.zeros(shape[1:]))

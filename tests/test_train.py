@@ -14,19 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default as default_config
 from nonlocal_jax import input_pipeline, train
-from nonlocal_jax.data.long_range_video import LongRangeVideo
 from nonlocal_jax.plot import read_scalars
+from tests.small_run import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  LongRangeVideo(config="small", data_dir=path).download_and_prepare()
-  return path
 
 
 def to_numpy(tree):
@@ -36,20 +28,6 @@ def to_numpy(tree):
       x = jax.random.key_data(x)
     return np.asarray(x)
   return jax.tree.map(convert, tree)
-
-
-def small_config(data_dir, **overrides):
-  config = default_config.get_config()
-  config.dataset = "long_range_video/small"
-  config.data_dir = data_dir
-  config.batch_size = 16
-  config.eval_batch_size = 32
-  config.num_train_steps = 20
-  config.warmup_steps = 0
-  config.log_every_steps = 5
-  config.checkpoint_every_steps = 10
-  config.update(overrides)
-  return config
 
 
 def test_one_step_on_8_devices_equals_1_device(data_dir):
