@@ -8,9 +8,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from configs import default as default_config
 from nonlocal_jax import aot, memory_fit, train
+from nonlocal_jax.models import create_model
 from nonlocal_jax.tpu_chips import GiB, parse_slice
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,17 +141,20 @@ def run_cli(*args, tmp_path):
 @needs_libtpu
 @pytest.mark.slow
 def test_cli_config_that_cannot_fit_says_no_and_exits_1(tmp_path):
-  """A 10M-class head: 2 x 5 GB of weights and momentum per chip cannot fit in 16 GiB."""
+  """c2d_tiny at width 1024: ~2 x 7.6 GiB of weights and momentum per chip cannot fit in 16 GiB."""
   out = tmp_path / "report.json"
   result = run_cli("--config", "configs/default.py:baseline", "--topology", "v5e:1x1",
-                   "--config.num_classes=10000000", "--batch_size", "2", "--eval_batch_size", "2",
-                   "--json", str(out), tmp_path=tmp_path)
+                   "--config.model.kwargs.width=1024", "--batch_size", "2", "--eval_batch_size",
+                   "2", "--json", str(out), tmp_path=tmp_path)
   assert result.returncode == 1, result.stderr[-3000:]
   verdict = result.stdout.strip().splitlines()[-1]
   assert verdict.startswith("fits: no (") and verdict.endswith(" of 16 GiB)"), result.stdout
   report = json.loads(out.read_text())
   assert report["fits"] is False and report["total_bytes"] > 16 * GiB
-  assert report["train"]["state_bytes"] > 2 * 10_000_000 * 4 * 128
+  model = nnx.eval_shape(lambda: create_model("c2d_tiny", num_classes=2, width=1024,
+                                              rngs=nnx.Rngs(0)))
+  num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert report["train"]["state_bytes"] >= 2 * 4 * num_params  # float32 weights + momentum
   assert "parameters + optimizer state" in result.stdout and "roofline lower bound" in result.stdout
 
 
