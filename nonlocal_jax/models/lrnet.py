@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nonlocal_jax.local_relation import LocalRelation
-from nonlocal_jax.models.resnet_layers import (ClassificationHead, ConvNorm, Norm, check_input,
-                                               make_norm)
+from nonlocal_jax.models.resnet_layers import (Bottleneck, ClassificationHead, ConvNorm, Norm,
+                                               check_input, make_norm)
 from nonlocal_jax.pooling import max_pool
 
 # Bottlenecks per stage res2..res5: LR-Net-26 (2 x 4 x 3 + 2 layers) and LR-Net-50.
@@ -45,9 +45,10 @@ class LocalRelationNorm(nnx.Module):
     return self.norm(self.relation(x))
 
 
-class LRBottleneck(nnx.Module):
+class LRBottleneck(Bottleneck):
   """Bottleneck 1x1 -> k x k local relation (strided) -> 1x1, plus the shortcut.
 
+  The residual computation is Bottleneck's; only the middle layer differs.
   x: (B, H, W, in_features) -> (B, H / stride, W / stride, out_features).
   """
 
@@ -65,12 +66,6 @@ class LRBottleneck(nnx.Module):
     needs_projection = in_features != out_features or stride != 1
     self.shortcut = (ConvNorm(in_features, out_features, (1, 1), stride=stride, **common)
                      if needs_projection else None)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = nnx.relu(self.a(x))
-    y = nnx.relu(self.b(y))
-    y = self.c(y)
-    return nnx.relu(y + (self.shortcut(x) if self.shortcut is not None else x))
 
 
 class LRNet(nnx.Module):
