@@ -224,8 +224,12 @@ class Preempted(Exception):
     self.step = step
 
 
-class _Preemption:
-  """Remembers a SIGTERM so the loop can save before the process is killed."""
+class _Preemption(contextlib.AbstractContextManager):
+  """Remembers a SIGTERM so the loop can save before the process is killed.
+
+  Installed for the whole run (data preparation and compilation included), so
+  a SIGTERM at any moment ends in a saved checkpoint and :class:`Preempted`.
+  """
 
   def __init__(self):
     self.requested = False
@@ -236,7 +240,7 @@ class _Preemption:
     logging.warning("SIGTERM received: saving a checkpoint and stopping.")
     self.requested = True
 
-  def restore(self):
+  def __exit__(self, *exc_info):
     signal.signal(signal.SIGTERM, self._previous)
 
 
@@ -311,18 +315,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ``workdir/final_metrics.json``; returns those metrics. Raises
   :class:`Preempted` after SIGTERM (a checkpoint is saved first).
   """
-  config, builder = prepare_run(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  lock = workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
-  with lock:
-    run_checkpoints.check_run_spec(workdir, config)
-    builder = input_pipeline.prepare(builder)
-    config_validation.check_video_lengths(config, builder)
-    return _train_and_evaluate(config, workdir, builder)
+  with _Preemption() as preemption:
+    config, builder = prepare_run(config)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    lock = workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+      run_checkpoints.check_run_spec(workdir, config)
+      builder = input_pipeline.prepare(builder)
+      config_validation.check_video_lengths(config, builder)
+      return _train_and_evaluate(config, workdir, builder, preemption)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        builder) -> dict[str, float]:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, builder,
+                        preemption: _Preemption) -> dict[str, float]:
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
   mesh = create_mesh()
@@ -352,7 +357,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress_line = progress.ProgressLine(
       num_train_steps=config.num_train_steps, start_step=start_step,
       current_loss=lambda: None if train_metrics is None else float(train_metrics.compute()["loss"]))
-  preemption = _Preemption()
   step = start_step
   try:
     while step < config.num_train_steps:
@@ -382,7 +386,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         break
   finally:
     manager.wait_until_finished()
-    preemption.restore()
 
   if preemption.requested:
     raise Preempted(step, workdir)
