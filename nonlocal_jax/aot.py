@@ -278,7 +278,7 @@ def analyze(config: ml_collections.ConfigDict, tpu_slice: Slice, *, config_name:
   chip = tpu_slice.chip
   return Report(
       config=config_name, model=config.model.name,
-      compute_dtype=config.get("compute_dtype", "float32"), slice_name=tpu_slice.name,
+      compute_dtype=config.compute_dtype, slice_name=tpu_slice.name,
       topology=tpu_slice.topology_name, cloud_name=tpu_slice.cloud_name,
       num_chips=tpu_slice.num_chips, device_kind=chip.device_kind, hbm_bytes=chip.hbm_bytes,
       peak_flops=chip.peak_bf16_flops, hbm_bytes_per_second=chip.hbm_bytes_per_second,
