@@ -21,7 +21,7 @@ from flax import nnx
 from nonlocal_jax import input_pipeline
 from nonlocal_jax.data import clip_lengths
 from nonlocal_jax.models import get_spec
-from nonlocal_jax.tasks import TASKS
+from nonlocal_jax.tasks import TASKS, create_task
 
 SCHEDULES = ("step", "cosine", "poly", "constant")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -35,7 +35,7 @@ def _problems(config: ml_collections.ConfigDict, num_devices: int | None) -> lis
     if not ok:
       problems.append(f"config.{field}={config[field]!r}: {accepted}")
 
-  for field, accepted in (("modality", input_pipeline.MODALITIES), ("task", TASKS),
+  for field, accepted in (("modality", input_pipeline.MODALITIES), ("task", tuple(TASKS)),
                           ("schedule", SCHEDULES), ("compute_dtype", COMPUTE_DTYPES),
                           ("remat", REMATS)):
     need(config[field] in accepted, field, f"must be one of {accepted}")
@@ -92,7 +92,7 @@ def resolve_num_classes(config: ml_collections.ConfigDict,
   A config whose ``num_classes`` disagrees with the labels found in the data
   (class folders, a ClassLabel, multi-hot vectors) is an error naming both.
   """
-  if config.task == "segmentation":
+  if not TASKS[config.task].num_classes_from_labels:
     return config
   label = features["label"]
   if isinstance(label, tfds.features.ClassLabel):
@@ -125,7 +125,7 @@ def check_model_takes_inputs(config: ml_collections.ConfigDict,
   from nonlocal_jax import train  # train imports this module
 
   model = nnx.eval_shape(lambda: train.build_model(config, nnx.Rngs(0)))
-  forward = train.eval_forward_fn(config, train.Task(config))
+  forward = train.eval_forward_fn(config, create_task(config))
   for kind, is_train in (("training", True), ("evaluation", False)):
     inputs = input_pipeline.batch_spec(config, features, train=is_train)["inputs"]
     graphdef, state = nnx.split(model if is_train else train.eval_mode(model))

@@ -35,7 +35,7 @@ from nonlocal_jax import (checkpoints, config_validation, input_pipeline, memory
                           run_checkpoints, workdir_lock)
 from nonlocal_jax.models import create_model, eval_mode
 from nonlocal_jax.models.segmentation import slide_inference
-from nonlocal_jax.tasks import Task
+from nonlocal_jax.tasks import Task, create_task
 
 State = Any  # nnx.State of (model, optimizer)
 
@@ -105,27 +105,13 @@ def train_step(graphdef: nnx.GraphDef, task: Task, learning_rate_fn: optax.Sched
   model, optimizer = nnx.merge(graphdef, state)
 
   def loss_fn(model):
-    outputs = model(batch["inputs"])
+    outputs = task.train_outputs(model, batch)
     return task.loss(outputs, batch), outputs
 
   (loss, outputs), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   learning_rate = learning_rate_fn(optimizer.step[...])
   optimizer.update(model, grads)
   return nnx.state((model, optimizer)), task.train_metrics(outputs, batch, loss, learning_rate)
-
-
-def combine_views(outputs: jax.Array, num_views: int, task: Task) -> jax.Array:
-  """Averages the predictions of the `num_views` consecutive views of each example.
-
-  (B * V, K) -> (B, K): log of the mean softmax (classification), logit of
-  the mean sigmoid (multi-label), as the official multi-view test does.
-  """
-  outputs = outputs.astype(jnp.float32)
-  outputs = outputs.reshape(-1, num_views, *outputs.shape[1:])
-  if task.name == "multilabel":
-    probs = jax.nn.sigmoid(outputs).mean(axis=1)
-    return jnp.log(probs) - jnp.log1p(-probs)
-  return jnp.log(jax.nn.softmax(outputs, axis=-1).mean(axis=1))
 
 
 def eval_forward_fn(config: ml_collections.ConfigDict, task: Task) -> Callable[[nnx.Module,
@@ -136,7 +122,7 @@ def eval_forward_fn(config: ml_collections.ConfigDict, task: Task) -> Callable[[
     crop, stride = config.input.eval_crop_size, config.input.eval_stride
     return lambda model, x: slide_inference(model, x, crop, stride)
   if views > 1:  # inputs (B, V, ...): every view, predictions averaged per example
-    return lambda model, x: combine_views(model(x.reshape(-1, *x.shape[2:])), views, task)
+    return lambda model, x: task.combine_views(model(x.reshape(-1, *x.shape[2:])), views)
   return lambda model, x: model(x)
 
 
@@ -192,7 +178,7 @@ def create_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
                                 abstract_state, state_shardings)
   data_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
-  task = Task(config)
+  task = create_task(config)
   jitted_train = jax.jit(
       functools.partial(train_step, graphdef, task, learning_rate_fn),
       in_shardings=(state_shardings, data_sharding), out_shardings=(state_shardings, replicated),

@@ -22,6 +22,7 @@ from PIL import Image
 from nonlocal_jax import input_pipeline, train
 from nonlocal_jax.data import video_decode
 from nonlocal_jax.models import eval_mode, get_spec, list_models
+from nonlocal_jax.tasks import create_task
 
 CONFIGS = [
     ("default", ""), ("default", "baseline"),
@@ -168,7 +169,7 @@ def test_config_builds_model_and_pipeline(name, variant, tmp_path, monkeypatch):
                            jax.ShapeDtypeStruct(train_batch["inputs"].shape, jnp.float32))
   logits = outputs[0] if isinstance(outputs, tuple) else outputs
   assert logits.shape[-1] == config.num_classes
-  forward = train.eval_forward_fn(config, train.Task(config))
+  forward = train.eval_forward_fn(config, create_task(config))
   eval_model = eval_mode(model)
   graphdef, state = nnx.split(eval_model)
   outputs = jax.eval_shape(lambda s, x: forward(nnx.merge(graphdef, s), x), state,

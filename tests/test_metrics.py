@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from nonlocal_jax.metrics import ConfusionMatrix, MeanAveragePrecision, mean_iou, top_k_accuracy
-from nonlocal_jax.tasks import ClassificationEvalMetrics
+from nonlocal_jax.tasks.classification import ClassificationEvalMetrics
 
 
 def test_top1_top5_with_mask():

@@ -11,7 +11,7 @@ from configs import common
 from nonlocal_jax import train
 from nonlocal_jax.models import create_model
 from nonlocal_jax.models.segmentation import slide_inference
-from nonlocal_jax.tasks import Task
+from nonlocal_jax.tasks import TASKS, Task, create_task
 
 
 def test_weight_decay_skips_norms_and_biases():
@@ -67,7 +67,7 @@ def test_nesterov_sgd_with_decay_equals_hand_update():
 
 def test_combine_views_averages_probabilities():
   logits = jnp.array([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [3.0, 0.0]])
-  combined = train.combine_views(logits, 2, Task(step_config()))
+  combined = create_task(step_config()).combine_views(logits, 2)
   probs = np.asarray(jax.nn.softmax(logits))
   np.testing.assert_allclose(np.exp(combined), [(probs[0] + probs[1]) / 2,
                                                 (probs[2] + probs[3]) / 2], rtol=1e-6)
@@ -86,7 +86,14 @@ def test_segmentation_loss_ignores_label_and_adds_aux():
   logits = jnp.zeros((1, 2, 2, 3)).at[0, 0, 0, 1].set(2.0)
   aux = jnp.zeros((1, 2, 2, 3))
   labels = jnp.array([[[1, 255], [0, 2]]])
-  loss = Task(config).loss((logits, aux), {"label": labels})
+  loss = create_task(config).loss((logits, aux), {"label": labels})
   xent_hit = -np.log(np.exp(2) / (np.exp(2) + 2))
   main = (xent_hit + 2 * np.log(3)) / 3
   assert float(loss) == pytest.approx(main + 0.4 * np.log(3), rel=1e-5)
+
+
+def test_tasks_table_holds_task_classes_and_refuses_unknown_names():
+  assert all(issubclass(task_class, Task) for task_class in TASKS.values())
+  with pytest.raises(ValueError, match="config.task='no_such_task'") as error:
+    create_task(step_config(task="no_such_task"))
+  assert all(repr(name) in str(error.value) for name in TASKS)
