@@ -25,6 +25,7 @@ source, and recorded with the checkpoint (``model.json``):
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +34,8 @@ from flax import nnx
 
 from nonlocal_jax import checkpoints
 from nonlocal_jax.convert.names import KEY_FUNCTIONS, Path
+from nonlocal_jax.detection.layers import ConvTranspose2d
+from nonlocal_jax.models.resnet_layers import FrozenAffine
 from nonlocal_jax.models.registry import create_model, get_spec
 from nonlocal_jax.models.video_resnet import VideoResNet
 
@@ -89,6 +92,10 @@ def source_model_kwargs(source: str, model_name: str,
 def to_our_layout(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
   """`value` in the source layout -> our layout for a weight of `shape`; None if it cannot fit."""
   rank = len(shape)
+  if rank >= 3 and value.ndim == 2 and value.shape[1] == int(np.prod(shape[:-1])):
+    # A linear layer over a flattened (C, *k) map (torchvision's box head fc6 on
+    # (C, 7, 7) RoI features) is a 'valid' convolution with kernel (*k, C, O).
+    value = value.reshape(value.shape[0], shape[-2], *shape[:-2])
   if rank == 1:
     out = value
   elif rank == 2:  # linear / 1x1x1 projection: (O, I, 1, ...) -> (I, O)
@@ -105,6 +112,53 @@ def to_our_layout(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | Non
   return out if out.shape == tuple(shape) else None
 
 
+# Keys of torchvision files written before its modules were renamed -> current keys
+# (what FeaturePyramidNetwork, RPNHead and MaskRCNNHeads ``_load_from_state_dict`` do).
+_LEGACY_TORCHVISION_KEYS = (
+    (re.compile(r"^backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(weight|bias)$"),
+     r"backbone.fpn.\1_blocks.\2.0.\3"),
+    (re.compile(r"^rpn\.head\.conv\.(weight|bias)$"), r"rpn.head.conv.0.0.\1"),
+    (re.compile(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$"),
+     lambda m: f"roi_heads.mask_head.{int(m.group(1)) - 1}.0.{m.group(2)}"),
+)
+
+
+def modern_torchvision_keys(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """`weights` with keys of older torchvision detection files renamed to the current ones."""
+  out = {}
+  for key, value in weights.items():
+    for pattern, replacement in _LEGACY_TORCHVISION_KEYS:
+      key = pattern.sub(replacement, key)
+    out[key] = value
+  return out
+
+
+def fold_frozen_batch_norms(weights: Mapping[str, np.ndarray], model: nnx.Module,
+                            key_of, epsilon: float) -> dict[str, np.ndarray]:
+  """BN weight, bias, running mean and variance -> the scale and bias of our FrozenAffine norms.
+
+  scale = weight / sqrt(var + epsilon), bias = bias - mean * scale, as
+  torchvision's ``FrozenBatchNorm2d`` computes them; only for the norms of
+  `model` that are :class:`FrozenAffine` and whose source has running statistics.
+  """
+  out = dict(weights)
+  for path, module in nnx.iter_modules(model):
+    if not isinstance(module, FrozenAffine):
+      continue
+    path = tuple(map(str, path))
+    scale_key, bias_key = key_of((*path, "scale")), key_of((*path, "bias"))
+    if scale_key is None or not scale_key.endswith(".weight"):
+      continue
+    prefix = scale_key.removesuffix("weight")
+    if prefix + "running_mean" not in out:
+      continue
+    mean, var = out.pop(prefix + "running_mean"), out.pop(prefix + "running_var")
+    scale = np.asarray(out[scale_key]) / np.sqrt(np.asarray(var) + epsilon)
+    out[bias_key] = np.asarray(out[bias_key]) - np.asarray(mean) * scale
+    out[scale_key] = scale
+  return out
+
+
 def _is_bookkeeping(key: str) -> bool:
   return key in _BOOKKEEPING_KEYS or key.endswith(_BOOKKEEPING_SUFFIXES)
 
@@ -115,7 +169,8 @@ def _is_nonlocal(path: Path) -> bool:
 
 def _source_num_classes(source: str, weights: Mapping[str, np.ndarray]) -> int | None:
   key_of = KEY_FUNCTIONS[source]
-  for path in (("head", "projection", "bias"), ("classifier", "conv", "bias")):
+  for path in (("head", "projection", "bias"), ("classifier", "conv", "bias"),
+               ("box_head", "scores", "bias")):
     key = key_of(path)
     if key in weights:
       return int(np.asarray(weights[key]).shape[0])
@@ -124,7 +179,8 @@ def _source_num_classes(source: str, weights: Mapping[str, np.ndarray]) -> int |
 
 def convert(source: str, weights: Mapping[str, np.ndarray], model_name: str, *,
             model_kwargs: Mapping[str, Any] | None = None, num_classes: int | None = None,
-            drop_head: bool = False, fresh_nonlocal: bool = False, seed: int = 0) -> Conversion:
+            drop_head: bool = False, fresh_nonlocal: bool = False, seed: int = 0,
+            bn_epsilon: float | None = None) -> Conversion:
   """Maps a source state dict / blob dict onto the preset `model_name`.
 
   Args:
@@ -140,12 +196,18 @@ def convert(source: str, weights: Mapping[str, np.ndarray], model_name: str, *,
       initialisation (ImageNet weights into an NL model, as the paper does)
       instead of being an error.
     seed: initialisation of those fresh blocks.
+    bn_epsilon: epsilon of BatchNorms folded into ``norm='affine'`` layers
+      (torchvision sources). Default: 0 for torchvision detector files (its
+      COCO weights are used with ``FrozenBatchNorm2d(eps=0)``, torchvision's
+      ``overwrite_eps``), 1e-5 otherwise (ImageNet classifiers).
 
   Raises:
     ValueError: listing every missing, mis-shaped and unused weight at once.
   """
   if source not in SOURCES:
     raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
+  if source == "torchvision":
+    weights = modern_torchvision_keys(weights)
   kwargs = {**source_model_kwargs(source, model_name, weights), **(model_kwargs or {})}
   if num_classes is None:
     num_classes = _source_num_classes(source, weights)
@@ -156,6 +218,12 @@ def convert(source: str, weights: Mapping[str, np.ndarray], model_name: str, *,
     num_classes = 1
   model = create_model(model_name, num_classes=num_classes, rngs=nnx.Rngs(seed), **kwargs)
   key_of = KEY_FUNCTIONS[source]
+  if bn_epsilon is None:
+    bn_epsilon = 0.0 if any(k.startswith("roi_heads.") for k in weights) else 1e-5
+  weights = fold_frozen_batch_norms(weights, model, key_of, bn_epsilon)
+  # PyTorch's transposed convolutions store (I, O, k, k): swap to the (O, I, k, k) of a convolution.
+  transposed = {(*map(str, path), "kernel") for path, module in nnx.iter_modules(model)
+                if isinstance(module, ConvTranspose2d)}
 
   initial = checkpoints.weights_of(model)
   converted, fresh, used, problems = {}, [], set(), []
@@ -173,7 +241,10 @@ def convert(source: str, weights: Mapping[str, np.ndarray], model_name: str, *,
                                                             f" (no {source} counterpart)"))
       continue
     used.add(key)
-    value = to_our_layout(np.asarray(weights[key]), init.shape)
+    source_value = np.asarray(weights[key])
+    if path in transposed:
+      source_value = source_value.swapaxes(0, 1)
+    value = to_our_layout(source_value, init.shape)
     if value is None:
       problems.append(f"shape mismatch: {name} {init.shape} vs {key!r} "
                       f"{np.asarray(weights[key]).shape}")

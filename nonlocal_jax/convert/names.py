@@ -71,7 +71,13 @@ def _torchvision_block_key(s: str, i: str, layer: str, kind: str, p: str) -> str
 
 
 def torchvision_key(path: Path) -> str | None:
-  """torchvision ``resnet50`` / ``resnet101`` state-dict keys (no non-local blocks)."""
+  """torchvision ``resnet50`` / ``resnet101`` and detector state-dict keys (no non-local blocks).
+
+  Detectors (``maskrcnn_resnet50_fpn``, ``keypointrcnn_resnet50_fpn``): our
+  ``backbone`` is their ``backbone.body``; the keys are those of current
+  torchvision (older files are renamed by
+  :func:`nonlocal_jax.convert.converter.modern_torchvision_keys`).
+  """
   match path:
     case ("stem", "conv", "kernel"):
       return "conv1.weight"
@@ -81,7 +87,34 @@ def torchvision_key(path: Path) -> str | None:
       return _torchvision_block_key(s, i, layer, kind, p)
     case ("head", "projection", p):
       return f"fc.{_TORCH_PARAM[p]}"
+    case ("backbone", "head", *_):
+      return None
+    case ("backbone", *rest):
+      key = torchvision_key(tuple(rest))
+      return None if key is None else f"backbone.body.{key}"
+    case ("fpn", ("inner" | "layer") as kind, level, p):
+      return f"backbone.fpn.{kind}_blocks.{level}.0.{_TORCH_PARAM[p]}"
+    case ("rpn", "conv", p):
+      return f"rpn.head.conv.0.0.{_TORCH_PARAM[p]}"
+    case ("rpn", module, p) if module in _TORCHVISION_RPN:
+      return f"rpn.head.{_TORCHVISION_RPN[module]}.{_TORCH_PARAM[p]}"
+    case ("box_head", module, p) if module in _TORCHVISION_BOX_HEAD:
+      return f"roi_heads.{_TORCHVISION_BOX_HEAD[module]}.{_TORCH_PARAM[p]}"
+    case ("mask_head", "convs", j, p):
+      return f"roi_heads.mask_head.{j}.0.{_TORCH_PARAM[p]}"
+    case ("mask_predictor", module, p) if module in _TORCHVISION_MASK_PREDICTOR:
+      return f"roi_heads.mask_predictor.{_TORCHVISION_MASK_PREDICTOR[module]}.{_TORCH_PARAM[p]}"
+    case ("keypoint_head", "convs", j, p):  # Sequential(conv, ReLU, conv, ReLU, ...)
+      return f"roi_heads.keypoint_head.{2 * int(j)}.{_TORCH_PARAM[p]}"
+    case ("keypoint_predictor", "upsample", p):
+      return f"roi_heads.keypoint_predictor.kps_score_lowres.{_TORCH_PARAM[p]}"
   return None
+
+
+_TORCHVISION_RPN = {"objectness": "cls_logits", "deltas": "bbox_pred"}
+_TORCHVISION_BOX_HEAD = {"fc6": "box_head.fc6", "fc7": "box_head.fc7",
+                         "scores": "box_predictor.cls_score", "deltas": "box_predictor.bbox_pred"}
+_TORCHVISION_MASK_PREDICTOR = {"upsample": "conv5_mask", "logits": "mask_fcn_logits"}
 
 
 # mmcv ConvModules of the decode and auxiliary heads (a .conv and a .bn each).

@@ -28,7 +28,8 @@ class ImageResNet(nnx.Module):
   """2D ResNet with non-local blocks.
 
   Args:
-    num_classes: classifier outputs.
+    num_classes: classifier outputs; 0 builds the backbone alone (no head: a
+      detector's trunk, read with :meth:`stage_outputs`).
     depth: 50 or 101 (ignored when `stage_depths` is given).
     stage_depths: blocks in res2..res5 (tiny presets).
     nonlocal_blocks: for res2..res5, the 0-based indices of the blocks followed
@@ -79,19 +80,32 @@ class ImageResNet(nnx.Module):
       in_features = 4 * inner
     self.stages = nnx.List(stages)
     self.head = ClassificationHead(in_features, num_classes, dropout_rate=dropout_rate,
-                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                   dtype=dtype, param_dtype=param_dtype,
+                                   rngs=rngs) if num_classes else None
 
-  def features(self, x: jax.Array) -> jax.Array:
-    """(B, H, W, C) -> res5 features (B, H/32, W/32, 32 * width)."""
+  def stage_outputs(self, x: jax.Array) -> list[jax.Array]:
+    """(B, H, W, C) -> [res2, res3, res4, res5]: (B, H/4, W/4, 4 * width) ... (B, H/32, W/32, 32 * width).
+
+    The multi-scale features a feature pyramid (detection) reads.
+    """
     check_input(x, "(B, H, W, C) images")
     x = nnx.relu(self.stem(x))
     x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    outputs = []
     for stage in self.stages:
       x = stage(x)
-    return x
+      outputs.append(x)
+    return outputs
+
+  def features(self, x: jax.Array) -> jax.Array:
+    """(B, H, W, C) -> res5 features (B, H/32, W/32, 32 * width)."""
+    return self.stage_outputs(x)[-1]
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """(B, H, W, C) -> logits (B, num_classes)."""
+    if self.head is None:
+      raise ValueError("this ImageResNet was built with num_classes=0 (no head); "
+                       "call stage_outputs(x) or features(x)")
     if self.remat == "full":
       return self.head(nnx.remat(ImageResNet.features)(self, x))
     return self.head(self.features(x))

@@ -16,7 +16,8 @@ and ends before the last block, like nl1.
 
 Image names: ``resnet{50,101}[_{nl1,nl5,nl10}]``; Local Relation Networks
 ``lrnet{26,50}`` (Hu et al., ICCV 2019: 7x7 local relation layers, m = 8).
-Segmentation: ``nonlocalnet_r{50,101}_d8``. Tiny presets for tests and CPU
+Segmentation: ``nonlocalnet_r{50,101}_d8``. Detection (``models/mask_rcnn.py``):
+``maskrcnn_r{50,101}_fpn[_nl1]``, ``keypointrcnn_r{50,101}_fpn[_nl4,_nl5]``. Tiny presets for tests and CPU
 runs end in ``_tiny``.
 """
 
@@ -32,6 +33,7 @@ from flax import nnx
 
 from nonlocal_jax.models.image_resnet import ImageResNet
 from nonlocal_jax.models.lrnet import LRNet
+from nonlocal_jax.models.mask_rcnn import MaskRCNN
 from nonlocal_jax.models.segmentation import NonLocalSegmenter
 from nonlocal_jax.models.video_resnet import VideoResNet
 
@@ -107,8 +109,30 @@ def _register_lrnet() -> None:
       (32, 32, 3), "image"))
 
 
+def _register_detectors() -> None:
+  # Wang et al., section 6: 1 NL block right before the last res4 block (Mask R-CNN);
+  # 4 in the keypoint head, one after every 2 of its 8 convolutions, optionally +1 in res4.
+  head_nl = (1, 3, 5, 7)
+  for depth, placements in NONLOCAL_PLACEMENTS.items():
+    nl1 = placements["nl1"]
+    for tag, blocks in (("", _NONE), ("_nl1", nl1)):
+      register(f"maskrcnn_r{depth}_fpn{tag}", ModelSpec(
+          MaskRCNN, dict(depth=depth, nonlocal_blocks=blocks), (800, 1344, 3), "detection"))
+    for tag, blocks, head in (("", _NONE, ()), ("_nl4", _NONE, head_nl),
+                              ("_nl5", nl1, head_nl)):
+      register(f"keypointrcnn_r{depth}_fpn{tag}", ModelSpec(
+          MaskRCNN, dict(depth=depth, nonlocal_blocks=blocks, masks=False, num_keypoints=17,
+                         keypoint_nonlocal_after=head), (800, 1344, 3), "detection"))
+  tiny = dict(width=8, stage_depths=(1, 1, 1, 1), fpn_features=32, box_features=64,
+              mask_features=32, keypoint_features=32)
+  register("maskrcnn_tiny", ModelSpec(MaskRCNN, tiny, (128, 128, 3), "detection"))
+  register("maskrcnn_nl_tiny", ModelSpec(
+      MaskRCNN, dict(nonlocal_blocks=((), (), (0,), ()), **tiny), (128, 128, 3), "detection"))
+
+
 _register_presets()
 _register_lrnet()
+_register_detectors()
 
 
 def list_models() -> list[str]:
