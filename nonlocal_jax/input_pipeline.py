@@ -23,7 +23,8 @@ chosen by ``config.modality``; settings in ``config.input``) run in
 each, or in threads of this process when it is 0. Any error in a worker
 reaches the consumer as the exception of its ``next()``; workers exit when
 their parent does, even after SIGKILL. Batches are numpy dicts
-``{'inputs', 'label', 'mask'}``; :func:`to_global` makes global arrays.
+``{'inputs', 'label', 'mask'}`` (``label`` a dict of arrays for detection);
+:func:`to_global` makes global arrays.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grain
 import jax
@@ -41,9 +43,11 @@ import tensorflow_datasets as tfds
 from absl import flags
 from jax.experimental import multihost_utils
 
+from nonlocal_jax.data.coco_detection import CocoDetection
 from nonlocal_jax.data.image_folder import ImageClassFolder
 from nonlocal_jax.data.long_range_video import LongRangeVideo
 from nonlocal_jax.data.segmentation_files import Ade20k, Cityscapes19, Voc12Aug
+from nonlocal_jax.data.shapes_detection import ShapesDetection
 from nonlocal_jax.data.video_files import Charades, Kinetics, VideoClassFolder
 from nonlocal_jax.preprocessing import modalities
 
@@ -58,9 +62,11 @@ LOCAL_BUILDERS = {
     "cityscapes19": Cityscapes19,
     "ade20k": Ade20k,
     "voc12_aug": Voc12Aug,
+    "shapes_detection": ShapesDetection,
+    "coco_detection": CocoDetection,
 }
 _READS_FILES = (Kinetics, Charades, VideoClassFolder, ImageClassFolder, Cityscapes19, Ade20k,
-                Voc12Aug)
+                Voc12Aug, CocoDetection)
 MODALITIES = tuple(modalities.MODALITIES)
 FILE_FORMAT = "array_record"  # random access: what grain reads
 # Never reached: the train stream is endless in practice (2**62 examples).
@@ -146,36 +152,47 @@ def _modality(config: ml_collections.ConfigDict) -> modalities.Modality:
 
 def preprocess_fn(config: ml_collections.ConfigDict,
                   train: bool) -> Callable[[dict, np.random.Generator | None], dict]:
-  """(example, rng) -> {'inputs', 'label', 'mask'} for the configured modality (rng: train only)."""
+  """(example, rng) -> {'inputs', 'label', 'mask'} for the configured modality (rng: train only).
+
+  The label is an int32 array, or the modality's dict of arrays when it has a
+  ``label_spec`` (detection targets).
+  """
   modality, settings = _modality(config), config.input
 
   def fn(example: dict, rng: np.random.Generator | None = None) -> dict:
     inputs, label = (modality.train(example, rng, settings) if train
                      else modality.eval(example, settings))
-    return {"inputs": inputs, "label": np.asarray(label, np.int32), "mask": np.True_}
+    if modality.label_spec is None:
+      label = np.asarray(label, np.int32)
+    return {"inputs": inputs, "label": label, "mask": np.True_}
 
   return fn
 
 
 def batch_spec(config: ml_collections.ConfigDict, features: tfds.features.FeaturesDict, *,
-               train: bool) -> dict[str, jax.ShapeDtypeStruct]:
-  """Global batch shapes without reading any data: {'inputs', 'label', 'mask'}.
+               train: bool) -> dict[str, Any]:
+  """Global batch shapes without reading any data: {'inputs', 'label', 'mask'} ShapeDtypeStructs.
 
   inputs (B, ...) float32 as the modality's ``input_shape`` gives it; label
   (B,) int32 for classes, (B, K) for multi-hot labels, (B, H, W) for
-  segmentation; mask (B,) bool. `features` are the data set's
-  (``builder.info.features``), which need not be prepared.
+  segmentation, a dict {name: (B, ...)} for a modality with a
+  ``label_spec`` (detection targets); mask (B,) bool. `features` are the
+  data set's (``builder.info.features``), which need not be prepared.
   """
   modality = _modality(config)
   stored = tuple(features[modality.stored_key(config.input)].shape)
   if config.modality == "video" and len(stored) != 4:  # encoded files: sizes known when decoded
     stored = (None,) * 4
   inputs = modality.input_shape(config.input, stored, train)
-  views = 0 if train else int(modality.num_eval_views(config.input) > 1)
-  label = inputs[views:views + 2] if modality.dense_label else tuple(features["label"].shape)
   size = config.batch_size if train else config.eval_batch_size
-  return {"inputs": jax.ShapeDtypeStruct((size, *inputs), np.float32),
-          "label": jax.ShapeDtypeStruct((size, *label), np.int32),
+  if modality.label_spec is None:
+    views = 0 if train else int(modality.num_eval_views(config.input) > 1)
+    label = inputs[views:views + 2] if modality.dense_label else tuple(features["label"].shape)
+    label_spec = jax.ShapeDtypeStruct((size, *label), np.int32)
+  else:
+    label_spec = {name: jax.ShapeDtypeStruct((size, *shape), dtype)
+                  for name, (shape, dtype) in modality.label_spec(config.input).items()}
+  return {"inputs": jax.ShapeDtypeStruct((size, *inputs), np.float32), "label": label_spec,
           "mask": jax.ShapeDtypeStruct((size,), np.bool_)}
 
 

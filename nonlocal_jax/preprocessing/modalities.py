@@ -3,7 +3,9 @@
 A :class:`Modality` maps a stored example (a dict of numpy values from a
 TFDS data source) to ``(inputs, label)``: augmented in training (random
 draws from the given ``numpy.random.Generator``), deterministic in
-evaluation. ``settings`` is ``config.input``.
+evaluation. ``settings`` is ``config.input``. The label is one int32 array
+(a class, multi-hot classes or a segmentation map), or for detection a dict
+of target arrays (:attr:`Modality.label_spec` gives their shapes).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from collections.abc import Callable
 import ml_collections
 import numpy as np
 
-from nonlocal_jax.preprocessing import image, segmentation, video
+from nonlocal_jax.preprocessing import detection, image, segmentation, video
 
 Settings = ml_collections.ConfigDict
+# One example's label: an array, or a dict of arrays (detection targets).
+Label = np.ndarray | dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,15 +31,18 @@ class Modality:
   # (settings, stored shape, train) -> shape of one example's inputs.
   input_shape: Callable[[Settings, tuple, bool], tuple]
   # (example, rng, settings) -> (inputs, label), augmented.
-  train: Callable[[dict, np.random.Generator, Settings], tuple[np.ndarray, np.ndarray]]
+  train: Callable[[dict, np.random.Generator, Settings], tuple[np.ndarray, Label]]
   # (example, settings) -> (inputs, label); video inputs with V > 1 views are (V, ...).
-  eval: Callable[[dict, Settings], tuple[np.ndarray, np.ndarray]]
+  eval: Callable[[dict, Settings], tuple[np.ndarray, Label]]
   # settings -> views per eval example (1: no views axis).
   num_eval_views: Callable[[Settings], int]
   # (one view's inputs, settings) -> (T, H, W, 3) uint8 for display (images: T = 1).
   to_display: Callable[[np.ndarray, Settings], np.ndarray]
   # True: the label is a map of the input's (H, W); False: the stored label feature's shape.
   dense_label: bool = False
+  # None: the label is one int32 array (shape: see dense_label). Else settings -> {name:
+  # (shape, dtype)} of one example's label, a dict of arrays the modality returns as they are.
+  label_spec: Callable[[Settings], dict[str, tuple[tuple[int, ...], type]]] | None = None
 
 
 def _class_label(example: dict) -> np.ndarray:
@@ -83,6 +90,11 @@ MODALITIES: dict[str, Modality] = {
         stored_key=lambda settings: "image", input_shape=segmentation.input_shape,
         train=_segmentation_train, eval=_segmentation_eval, num_eval_views=lambda settings: 1,
         to_display=segmentation.to_display, dense_label=True),
+    "detection": Modality(
+        stored_key=lambda settings: "image", input_shape=detection.input_shape,
+        train=detection.train_example, eval=detection.eval_example,
+        num_eval_views=detection.num_eval_views, to_display=detection.to_display,
+        label_spec=detection.target_spec),
 }
 
 
