@@ -27,8 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.train_split = "train"
   config.eval_split = "test"
   config.num_classes = 0  # 0: from the data set's label feature
-  config.task = "classification"  # or 'multilabel', 'segmentation'
-  config.modality = "video"  # or 'image', 'segmentation'
+  config.task = "classification"  # or 'multilabel', 'segmentation', 'detection'
+  config.modality = "video"  # or 'image', 'segmentation', 'detection'
   config.input = ml_collections.ConfigDict()  # preprocessing of the modality
   config.data_workers = 0  # decoding processes (grain); 0: threads of the trainer, -1: one per core
   config.ignore_label = 255
@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.nesterov = True
   config.weight_decay = 1e-4
   config.decay_norm_and_bias = False
+  config.frozen_params = ""  # regex on '/'-joined parameter paths that are not trained
   config.grad_clip_norm = 0.0
   config.label_smoothing = 0.0
   # Bookkeeping.

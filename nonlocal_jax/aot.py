@@ -86,7 +86,7 @@ def batch_specs(config: ml_collections.ConfigDict, features: Any,
                 sharding: jax.sharding.Sharding) -> tuple[dict, dict]:
   """(train batch, eval batch) as global ShapeDtypeStructs split over 'data' like a real batch."""
   def attach(spec):
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in spec.items()}
+    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding), spec)
   return (attach(input_pipeline.batch_spec(config, features, train=True)),
           attach(input_pipeline.batch_spec(config, features, train=False)))
 

@@ -125,18 +125,19 @@ def check_model_takes_inputs(config: ml_collections.ConfigDict,
   from nonlocal_jax import train  # train imports this module
 
   model = nnx.eval_shape(lambda: train.build_model(config, nnx.Rngs(0)))
-  forward = train.eval_forward_fn(config, create_task(config))
+  task = create_task(config)
+  forward = train.eval_forward_fn(config, task)
   for kind, is_train in (("training", True), ("evaluation", False)):
-    inputs = input_pipeline.batch_spec(config, features, train=is_train)["inputs"]
+    batch = input_pipeline.batch_spec(config, features, train=is_train)
     graphdef, state = nnx.split(model if is_train else train.eval_mode(model))
-    apply = (lambda s, x: nnx.merge(graphdef, s)(x)) if is_train else (
-        lambda s, x: forward(nnx.merge(graphdef, s), x))
+    apply = (lambda s, b: task.train_outputs(nnx.merge(graphdef, s), b)) if is_train else (
+        lambda s, b: task.eval_outputs(forward, nnx.merge(graphdef, s), b))
     try:
-      jax.eval_shape(apply, state, inputs)
+      jax.eval_shape(apply, state, batch)
     except (ValueError, TypeError) as e:
       raise ValueError(
           f"model {config.model.name!r} cannot take the {kind} inputs of this config, shape "
-          f"{inputs.shape} (config.input: {config.input.to_dict()}): {e}") from None
+          f"{batch['inputs'].shape} (config.input: {config.input.to_dict()}): {e}") from None
 
 
 def check_video_lengths(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> None:

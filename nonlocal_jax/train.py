@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -73,12 +74,26 @@ def decay_mask(params: nnx.State) -> Any:
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
+def frozen_labels(pattern: str) -> Callable[[nnx.State], Any]:
+  """Params tree -> 'frozen' where the '/'-joined path matches `pattern` (re.search), else 'train'."""
+  regex = re.compile(pattern)
+
+  def labels(params: nnx.State) -> Any:
+    def label(path, _):
+      name = "/".join(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
+      return "frozen" if regex.search(name) else "train"
+    return jax.tree_util.tree_map_with_path(label, params)
+  return labels
+
+
 def create_optimizer(config: ml_collections.ConfigDict,
                      learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
   """Optional clipping, weight decay, SGD with (Nesterov) momentum.
 
   Weight decay skips norm parameters and biases unless
-  ``config.decay_norm_and_bias`` (mmseg decays everything).
+  ``config.decay_norm_and_bias`` (mmseg decays everything). Parameters whose
+  path matches ``config.frozen_params`` are not updated (e.g. a detector's
+  frozen BN and first stages, as torchvision's ``trainable_backbone_layers``).
   """
   parts = []
   if config.grad_clip_norm:
@@ -87,7 +102,10 @@ def create_optimizer(config: ml_collections.ConfigDict,
     mask = None if config.decay_norm_and_bias else decay_mask
     parts.append(optax.add_decayed_weights(config.weight_decay, mask=mask))
   parts.append(optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov))
-  return optax.chain(*parts)
+  if not config.frozen_params:
+    return optax.chain(*parts)
+  return optax.multi_transform({"train": optax.chain(*parts), "frozen": optax.set_to_zero()},
+                               frozen_labels(config.frozen_params))
 
 
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
@@ -131,7 +149,7 @@ def eval_step(graphdef: nnx.GraphDef, task: Task, forward: Callable, state: Stat
   """Masked metrics of one eval batch with running BN statistics and no dropout."""
   model, _ = nnx.merge(graphdef, state)
   model = eval_mode(model)
-  return task.eval_metrics(forward(model, batch["inputs"]), batch)
+  return task.eval_metrics(task.eval_outputs(forward, model, batch), batch)
 
 
 def create_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:

@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 from flax import nnx
 from PIL import Image
 
-from nonlocal_jax import input_pipeline, train
+from nonlocal_jax import config_validation, input_pipeline, train
 from nonlocal_jax.data import video_decode
 from nonlocal_jax.models import eval_mode, get_spec, list_models
 from nonlocal_jax.tasks import create_task
@@ -36,7 +36,11 @@ CONFIGS = [
     ("image_folder", "resnet50_nl5"), ("video_folder", "i3d_nl5_r50"),
     ("image_folder", "resnet_nl_tiny"), ("video_folder", "c2d_nl_tiny"),
     ("cifar10", "lrnet_tiny"), ("imagenet", "lrnet50"),
+    ("coco", "shapes"), ("coco", "figures"),
 ]
+# Generated data sets: the small config of the config's data set.
+SMALL_GENERATED = {"long_range_video": lambda name: "long_range_video/small",
+                   "shapes_detection": lambda name: f"{name}_small"}
 
 
 def write_video(path, num_frames=24, size=(40, 56)):
@@ -127,11 +131,11 @@ def test_config_builds_model_and_pipeline(name, variant, tmp_path, monkeypatch):
   config = shrink(load_config(name, variant))
   config.data_dir = str(tmp_path / "tfds")
   dataset = config.dataset.split("/")[0]
-  if dataset in input_pipeline.LOCAL_BUILDERS and dataset != "long_range_video":
+  if dataset in SMALL_GENERATED:
+    config.dataset = SMALL_GENERATED[dataset](config.dataset)
+  elif dataset in input_pipeline.LOCAL_BUILDERS:
     config.manual_dir = str(tmp_path / "files")
     make_files(dataset, config.manual_dir)
-  if dataset == "long_range_video":
-    config.dataset = "long_range_video/small"
 
   def batches():
     builder = input_pipeline.get_builder(config)
@@ -153,8 +157,12 @@ def test_config_builds_model_and_pipeline(name, variant, tmp_path, monkeypatch):
   # The shapes the config promises before any data is read (validation, AOT) are the real ones.
   for batch, is_train in ((train_batch, True), (eval_batch, False)):
     spec = input_pipeline.batch_spec(config, builder.info.features, train=is_train)
-    assert {k: v.shape[1:] for k, v in spec.items()} == {k: v.shape[1:] for k, v in batch.items()}
+    assert jax.tree.map(lambda v: v.shape[1:], spec) == jax.tree.map(lambda v: v.shape[1:], batch)
   assert eval_batch["mask"].any()
+  # The model takes both batches through its task (abstract evaluation: shapes only).
+  config_validation.check_model_takes_inputs(config, builder.info.features)
+  if config.task == "detection":
+    return
   if config.task == "multilabel":
     assert train_batch["label"].shape == (2, config.num_classes)
   if config.task == "segmentation":
@@ -201,7 +209,7 @@ def test_missing_download_gives_a_clear_error(tmp_path):
 
 
 def all_variants():
-  from configs import kinetics, segmentation
+  from configs import coco, kinetics, segmentation
   video = [f"{a}_{p}_{d}_{c}" for a in kinetics.ARCHS for p in kinetics.PLACEMENTS
            for d in kinetics.DEPTHS for c in kinetics.CLIPS]
   segment = [f"{name}_{r}_{crop}_{i}" for name, crops in segmentation.RUNS.items()
@@ -211,12 +219,13 @@ def all_variants():
              for d in ("r50", "r101")]
           + [("ucf101", v[:-4]) for v in video if v.endswith("8x8")]
           + [("video_folder", v[:-4]) for v in video if v.endswith("8x8")]
-          + [("imagenet", m) for m in list_models() if m.startswith("resnet")])
+          + [("imagenet", m) for m in list_models() if m.startswith("resnet")]
+          + [("coco", v) for v in (*coco.GENERATED_RUNS, *coco.COCO_RUNS)])
 
 
 def test_every_variant_names_a_registered_model():
   variants = all_variants()
-  assert len(variants) == 64 + 16 + 8 + 16 + 16 + 10
+  assert len(variants) == 64 + 16 + 8 + 16 + 16 + 10 + 2 + 10
   for name, variant in variants:
     config = load_config(name, variant)
     get_spec(config.model.name)  # raises for an unknown model

@@ -294,3 +294,51 @@ def test_rpn_proposals_match_torchvision(maskrcnn_pair):
     assert keep.sum() == len(boxes[i]) > 0
     np.testing.assert_allclose(np.asarray(ours[i])[keep], boxes[i].numpy(), rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(np.asarray(our_scores[i])[keep], scores[i].numpy(), rtol=1e-6)
+
+
+def synthetic_targets(rng: np.random.Generator, batch: int, size: int, objects: int,
+                      num_classes: int, num_keypoints: int = 0) -> dict:
+  """Random boxes (the last object of each image is padding) with box-filling masks."""
+  xy = rng.uniform(0, size * 0.6, (batch, objects, 2))
+  wh = rng.uniform(size * 0.15, size * 0.4, (batch, objects, 2))
+  boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)
+  masks = np.zeros((batch, objects, size, size), np.uint8)
+  for b in range(batch):
+    for m in range(objects):
+      x1, y1, x2, y2 = boxes[b, m].astype(int)
+      masks[b, m, y1:y2, x1:x2] = 1
+  keypoints = np.concatenate([xy[:, :, None] + rng.uniform(0, 1, (batch, objects, num_keypoints, 2))
+                              * wh[:, :, None], np.full((batch, objects, num_keypoints, 1), 2)],
+                             -1).astype(np.float32)
+  valid = np.ones((batch, objects), bool)
+  valid[:, -1] = False
+  return {"image_size": np.full((batch, 2), size, np.int32), "boxes": boxes,
+          "labels": rng.integers(1, num_classes, (batch, objects)).astype(np.int32),
+          "valid": valid, "is_crowd": np.zeros((batch, objects), bool), "masks": masks,
+          "keypoints": keypoints}
+
+
+@pytest.mark.parametrize("name,heads", [("maskrcnn_nl_tiny", {"loss_mask"}),
+                                        ("keypointrcnn_tiny", {"loss_keypoint"})])
+def test_training_losses_are_finite_and_reach_every_head(name, heads):
+  model = create_model(name, num_classes=4, rngs=nnx.Rngs(0), rpn_post_nms_top_n_train=100,
+                       box_batch_size_per_image=32)
+  rng = np.random.default_rng(11)
+  images = jnp.asarray(rng.normal(size=(2, 64, 64, 3)), jnp.float32)
+  targets = jax.tree.map(jnp.asarray, synthetic_targets(rng, 2, 64, 3, 4, num_keypoints=7))
+
+  def total(model):
+    losses = model.losses(images, targets)
+    return sum(losses.values()), losses
+
+  (loss, losses), grads = nnx.jit(nnx.value_and_grad(total, has_aux=True))(model)
+  assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier",
+                         "loss_box_reg"} | heads
+  assert all(np.isfinite(float(v)) and float(v) > 0 for v in losses.values()), losses
+  for module in ("rpn", "box_head", "fpn", "backbone") + tuple(
+      "mask_head" if h == "loss_mask" else "keypoint_head" for h in heads):
+    norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(nnx.state(getattr(grads, module))))
+    assert norm > 0, module
+  # The sampling stream advances: another call samples other anchors and RoIs.
+  again = nnx.jit(lambda m: m.losses(images, targets))(model)
+  assert float(sum(again.values())) != float(loss)

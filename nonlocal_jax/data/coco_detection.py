@@ -60,6 +60,11 @@ from nonlocal_jax.data.user_files import UnreadableFileError, UserFilesBuilder, 
 
 # Split name -> COCO 2017 image folder (and annotation file suffix).
 SPLIT_FOLDERS = {"train": "train2017", "validation": "val2017"}
+# The person category's keypoints in person_keypoints_*2017.json (Detectron utils/keypoints.py).
+COCO_KEYPOINT_NAMES = (
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+    "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
+    "left_knee", "right_knee", "left_ankle", "right_ankle")
 
 
 class CocoDetectionConfig(tfds.core.BuilderConfig):

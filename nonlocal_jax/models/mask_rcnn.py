@@ -32,10 +32,12 @@ from flax import nnx
 
 from nonlocal_jax.detection.anchors import anchors_for_levels
 from nonlocal_jax.detection.fpn import FeaturePyramid
+from nonlocal_jax.detection import losses as detection_losses
 from nonlocal_jax.detection.heads import (BoxHead, ConvStackHead, KeypointPredictor, MaskPredictor,
                                           RPNHead)
 from nonlocal_jax.detection.proposals import detections, rpn_proposals
 from nonlocal_jax.detection.roi_align import multiscale_roi_align
+from nonlocal_jax.detection.targets import roi_targets, rpn_targets, sample_balanced
 from nonlocal_jax.models.image_resnet import ImageResNet
 from nonlocal_jax.models.resnet_layers import Norm
 
@@ -69,6 +71,10 @@ class MaskRCNN(nnx.Module):
     num_keypoints: build the keypoint head with this many heatmaps (0: none).
     keypoint_nonlocal_after: indices of the keypoint head's convolutions
       followed by a non-local block.
+    rpn_pre_nms_top_n_train / rpn_post_nms_top_n_train / rpn_batch_size_per_image /
+    rpn_positive_fraction / box_batch_size_per_image / box_positive_fraction:
+      training settings, torchvision's names and defaults (its RPN keeps 2000
+      proposals per image in training; Detectron 2000 per batch).
     rpn_pre_nms_top_n_test / rpn_post_nms_top_n_test / rpn_nms_thresh /
     box_score_thresh / box_nms_thresh / box_detections_per_img: inference
       settings, torchvision's names and defaults.
@@ -95,6 +101,12 @@ class MaskRCNN(nnx.Module):
       masks: bool = True,
       num_keypoints: int = 0,
       keypoint_nonlocal_after: Sequence[int] = (),
+      rpn_pre_nms_top_n_train: int = 2000,
+      rpn_post_nms_top_n_train: int = 2000,
+      rpn_batch_size_per_image: int = 256,
+      rpn_positive_fraction: float = 0.5,
+      box_batch_size_per_image: int = 512,
+      box_positive_fraction: float = 0.25,
       rpn_pre_nms_top_n_test: int = 1000,
       rpn_post_nms_top_n_test: int = 1000,
       rpn_nms_thresh: float = 0.7,
@@ -116,6 +128,13 @@ class MaskRCNN(nnx.Module):
     self.anchor_sizes, self.aspect_ratios = tuple(anchor_sizes), tuple(aspect_ratios)
     self.rpn_test = dict(pre_nms_top_n=rpn_pre_nms_top_n_test,
                          post_nms_top_n=rpn_post_nms_top_n_test, nms_threshold=rpn_nms_thresh)
+    self.rpn_train = dict(pre_nms_top_n=rpn_pre_nms_top_n_train,
+                          post_nms_top_n=rpn_post_nms_top_n_train, nms_threshold=rpn_nms_thresh)
+    self.rpn_sampling = (rpn_batch_size_per_image, rpn_positive_fraction)
+    self.box_sampling = dict(batch_size_per_image=box_batch_size_per_image,
+                             positive_fraction=box_positive_fraction)
+    # Random sampling of anchors and RoIs in training (a stream saved with the model state).
+    self.rngs = nnx.Rngs(sampling=rngs.params())
     self.box_test = dict(score_threshold=box_score_thresh, nms_threshold=box_nms_thresh,
                          detections_per_image=box_detections_per_img,
                          max_candidates=box_candidates)
@@ -193,7 +212,71 @@ class MaskRCNN(nnx.Module):
           b, d, *heatmaps.shape[1:])
     return out
 
+  def losses(self, images: jax.Array, targets: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Training forward: torchvision's loss dict (its model in train mode), as scalars.
+
+    Args:
+      images: (B, H, W, 3) normalised, zero-padded images.
+      targets: {'image_size' (B, 2) int (height, width) before padding,
+        'boxes' (B, M, 4), 'labels' (B, M) int in 1..K-1, 'valid' (B, M),
+        'is_crowd' (B, M), and 'masks' (B, M, H, W) for the mask head,
+        'keypoints' (B, M, K, 3) for the keypoint head} (the detection
+        modality's targets, :mod:`nonlocal_jax.preprocessing.detection`).
+
+    Returns:
+      {'loss_objectness', 'loss_rpn_box_reg', 'loss_classifier',
+      'loss_box_reg'} plus 'loss_mask' / 'loss_keypoint' with those heads.
+    """
+    b = images.shape[0]
+    crowd, gt_boxes, gt_valid = targets["is_crowd"], targets["boxes"], targets["valid"]
+    rpn_key, roi_key = jax.random.split(self.rngs.sampling())
+    levels = self.pyramid(images)
+    objectness, deltas = self.rpn(levels)
+    anchors, counts = self.anchors(images.shape[1:3])
+    anchor_labels, matched = jax.vmap(rpn_targets, in_axes=(None, 0, 0, 0))(
+        jnp.asarray(anchors), gt_boxes, gt_valid, crowd)
+    positive, negative = jax.vmap(sample_balanced, in_axes=(0, 0, None, None))(
+        anchor_labels, jax.random.split(rpn_key, b), *self.rpn_sampling)
+    loss_objectness, loss_rpn_box = detection_losses.rpn_loss(
+        objectness.astype(jnp.float32), deltas.astype(jnp.float32), matched,
+        jnp.asarray(anchors), positive, negative)
+    # Proposals are not differentiated through (torchvision detaches them).
+    proposals, _, proposal_valid = rpn_proposals(
+        jax.lax.stop_gradient(objectness), jax.lax.stop_gradient(deltas), anchors, counts,
+        targets["image_size"], **self.rpn_train)
+    rois = jax.vmap(lambda p, v, g, l, gv, c, k: roi_targets(
+        p, v, g, l, gv, k, gt_is_crowd=c, **self.box_sampling))(
+            proposals, proposal_valid, gt_boxes, targets["labels"], gt_valid, crowd,
+            jax.random.split(roi_key, b))
+    s = rois["boxes"].shape[1]
+    logits, box_deltas = self.box_head(self.pool(levels, rois["boxes"], rois["valid"], 7))
+    loss_classifier, loss_box = detection_losses.fastrcnn_loss(
+        logits.reshape(b, s, -1), box_deltas.reshape(b, s, -1, 4), rois["labels"],
+        rois["regression_targets"], rois["valid"])
+    out = {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box,
+           "loss_classifier": loss_classifier, "loss_box_reg": loss_box}
+    # The mask and keypoint heads see the positive RoIs, which fill the first slots.
+    first = int(s * self.box_sampling["positive_fraction"])
+    positive_rois = {k: v[:, :first] for k, v in rois.items()}
+    if self.mask_head is not None:
+      mask_logits = self.mask_predictor(self.mask_head(self.pool(
+          levels, positive_rois["boxes"], positive_rois["positive"], 14)))
+      mask_targets = jax.vmap(detection_losses.mask_targets)(
+          targets["masks"], positive_rois["matched_gt"], positive_rois["boxes"])
+      out["loss_mask"] = detection_losses.maskrcnn_loss(
+          mask_logits.reshape(b, first, *mask_logits.shape[1:]), positive_rois["labels"],
+          mask_targets, positive_rois["positive"])
+    if self.keypoint_head is not None:
+      heatmaps = self.keypoint_predictor(self.keypoint_head(self.pool(
+          levels, positive_rois["boxes"], positive_rois["positive"], 14)))
+      cells, visible = jax.vmap(detection_losses.keypoint_targets)(
+          targets["keypoints"], positive_rois["matched_gt"], positive_rois["boxes"])
+      out["loss_keypoint"] = detection_losses.keypoint_loss(
+          heatmaps.reshape(b, first, *heatmaps.shape[1:]), cells,
+          visible & positive_rois["positive"][..., None])
+    return out
+
   def __call__(self, images: jax.Array) -> Any:
     raise NotImplementedError(
-        "MaskRCNN's training forward (losses from targets) is not written yet; inference is "
-        "detect(images, image_sizes)")
+        "a detector has two forwards: losses(images, targets) in training and "
+        "detect(images, image_sizes) in evaluation (the detection task calls them)")

@@ -128,6 +128,9 @@ def _register_detectors() -> None:
   register("maskrcnn_tiny", ModelSpec(MaskRCNN, tiny, (128, 128, 3), "detection"))
   register("maskrcnn_nl_tiny", ModelSpec(
       MaskRCNN, dict(nonlocal_blocks=((), (), (0,), ()), **tiny), (128, 128, 3), "detection"))
+  register("keypointrcnn_tiny", ModelSpec(
+      MaskRCNN, dict(masks=False, num_keypoints=7, keypoint_nonlocal_after=(1, 3, 5, 7), **tiny),
+      (128, 128, 3), "detection"))
 
 
 _register_presets()

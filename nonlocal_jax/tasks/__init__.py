@@ -7,6 +7,8 @@
 * ``segmentation``: outputs are (logits, aux_logits); pixel cross-entropy
   ignoring ``ignore_label`` plus ``aux_loss_weight`` times the auxiliary
   loss; mIoU from the pixel confusion matrix.
+* ``detection`` (COCO, our generated shapes): the detector's own losses;
+  COCO box / mask / keypoint AP on the host.
 
 Each is a :class:`Task` subclass (the interface is in :mod:`nonlocal_jax.tasks.base`).
 """
@@ -15,6 +17,7 @@ import ml_collections
 
 from nonlocal_jax.tasks.base import Task
 from nonlocal_jax.tasks.classification import ClassificationTask
+from nonlocal_jax.tasks.detection import DetectionTask
 from nonlocal_jax.tasks.multilabel import MultilabelTask
 from nonlocal_jax.tasks.segmentation import SegmentationTask
 
@@ -22,6 +25,7 @@ TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
     "multilabel": MultilabelTask,
     "segmentation": SegmentationTask,
+    "detection": DetectionTask,
 }
 
 

@@ -7,7 +7,7 @@ training loop. Batches are dicts with ``inputs``, ``label`` and (eval)
 """
 
 import abc
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -62,6 +62,12 @@ class Task(abc.ABC):
     return LossMetrics.single_from_model_output(loss=loss, learning_rate=learning_rate)
 
   # -- evaluation -------------------------------------------------------------
+
+  def eval_outputs(self, forward: Callable[[nnx.Module, jax.Array], Any], model: nnx.Module,
+                   batch: dict) -> Any:
+    """What the model returns in an eval step: `forward` (plain, multi-view or sliding
+    windows, ``train.eval_forward_fn``) on ``batch['inputs']`` by default."""
+    return forward(model, batch["inputs"])
 
   @abc.abstractmethod
   def eval_metrics(self, outputs: Any, batch: dict) -> tuple[metrics.Collection, dict]:

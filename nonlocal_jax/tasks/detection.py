@@ -1,0 +1,151 @@
+"""Detection, instance segmentation and keypoints (Mask R-CNN / Keypoint R-CNN).
+
+The model computes its own losses from the targets in training
+(``MaskRCNN.losses``); evaluation runs ``MaskRCNN.detect``, copies the fixed-size
+detections to the host and scores them with the COCO evaluator (pycocotools)
+against the eval split: its original annotation file for COCO, a ground truth
+written from the examples for our generated sets. Box AP always, mask AP with
+a mask head, keypoint AP with a keypoint head.
+
+Batches: ``inputs`` (B, H, W, 3); ``label`` the detection modality's targets
+dict (:mod:`nonlocal_jax.preprocessing.detection`); ``mask`` (B,).
+"""
+
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from clu import metrics
+from flax import nnx
+
+from nonlocal_jax.detection import coco_eval, postprocess
+from nonlocal_jax.tasks.base import Task
+
+# COCO's OKS sigmas (pycocotools cocoeval.py Params.setKpParams) by body part, so that
+# data sets with other keypoints (our stick figures: head, hands, hips, feet) get the
+# sigma of the nearest COCO part; COCO's own 17 keypoints get exactly pycocotools'.
+_SIGMA_BY_PART = {"nose": .026, "head": .026, "eye": .025, "ear": .035, "shoulder": .079,
+                  "elbow": .072, "wrist": .062, "hand": .062, "hip": .107, "knee": .087,
+                  "ankle": .089, "foot": .089}
+
+
+def keypoint_sigmas(names: tuple[str, ...]) -> np.ndarray:
+  """OKS sigmas of keypoints named like COCO's ('left_wrist') or our figures' ('left_hand')."""
+  parts = [name.removeprefix("left_").removeprefix("right_") for name in names]
+  unknown = [name for name, part in zip(names, parts) if part not in _SIGMA_BY_PART]
+  if unknown:
+    raise ValueError(f"no OKS sigma for keypoints {unknown}; known parts: "
+                     f"{sorted(_SIGMA_BY_PART)}")
+  return np.array([_SIGMA_BY_PART[part] for part in parts])
+
+
+@flax.struct.dataclass
+class DetectionEvalMetrics(metrics.Collection):
+  """Averaged over the eval images: how many detections pass the score threshold."""
+  detections_per_image: metrics.Average.from_output("detections_per_image")
+
+
+class DetectionTask(Task):
+  """Losses from the model, COCO metrics from the host."""
+
+  num_classes_from_labels = False  # the classes are the data set's objects' ClassLabel
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    super().__init__(config)
+    self.config = config
+    kwargs = config.model.kwargs
+    self.loss_names = ["loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"]
+    self.loss_names += ["loss_mask"] * bool(kwargs.masks)
+    self.loss_names += ["loss_keypoint"] * bool(kwargs.num_keypoints)
+    self.train_collection = metrics.Collection.create(
+        loss=metrics.Average.from_output("loss"),
+        learning_rate=metrics.LastValue.from_output("learning_rate"),
+        **{name: metrics.Average.from_output(name) for name in self.loss_names})
+    self._ground_truth = None
+
+  # -- training ---------------------------------------------------------------
+
+  def train_outputs(self, model: nnx.Module, batch: dict) -> dict[str, jax.Array]:
+    return model.losses(batch["inputs"], batch["label"])
+
+  def loss(self, outputs: dict[str, jax.Array], batch: dict) -> jax.Array:
+    """The sum of the model's losses (torchvision's training reference sums them)."""
+    del batch
+    return sum(outputs[name] for name in self.loss_names)
+
+  def train_metrics(self, outputs: dict[str, jax.Array], batch: dict, loss: jax.Array,
+                    learning_rate: jax.Array) -> metrics.Collection:
+    del batch
+    return self.train_collection.single_from_model_output(
+        loss=loss, learning_rate=learning_rate, **{k: outputs[k] for k in self.loss_names})
+
+  # -- evaluation -------------------------------------------------------------
+
+  def eval_outputs(self, forward: Callable, model: nnx.Module, batch: dict) -> Any:
+    del forward  # one view per image; the detector has its own inference forward
+    return model.detect(batch["inputs"], batch["label"]["image_size"])
+
+  def eval_metrics(self, outputs: dict[str, jax.Array],
+                   batch: dict) -> tuple[metrics.Collection, dict]:
+    targets = batch["label"]
+    count = outputs["valid"].sum(axis=1).astype(jnp.float32)
+    collection = DetectionEvalMetrics.single_from_model_output(detections_per_image=count,
+                                                               mask=batch["mask"])
+    collected = {**outputs, "mask": batch["mask"], "image_id": targets["image_id"],
+                 "image_size": targets["image_size"], "original_size": targets["original_size"]}
+    return collection, collected
+
+  def host_metrics(self, collected: list[dict]) -> dict[str, float]:
+    """COCO box (and mask / keypoint) AP of every eval image's detections."""
+    metadata = self._metadata()
+    results = []
+    for batch in collected:
+      for i in np.flatnonzero(batch["mask"]):
+        results += self._image_results({k: v[i] for k, v in batch.items()}, metadata)
+    iou_types = ("bbox",) + ("segm",) * bool(self.config.model.kwargs.masks)
+    iou_types += ("keypoints",) * bool(self.config.model.kwargs.num_keypoints)
+    sigmas = keypoint_sigmas(metadata.keypoint_names) if metadata.num_keypoints else None
+    image_ids = sorted({int(b["image_id"][i]) for b in collected for i in np.flatnonzero(b["mask"])})
+    return coco_eval.evaluate(self._ground_truth_of(metadata), results, iou_types,
+                              image_ids=image_ids, keypoint_sigmas=sigmas)
+
+  def _metadata(self):
+    from nonlocal_jax import input_pipeline  # the task is built before any data exists
+    from nonlocal_jax.data.detection_features import DetectionMetadata
+
+    return DetectionMetadata.from_info(input_pipeline.create_builder(self.config).info)
+
+  def _ground_truth_of(self, metadata) -> "dict | str":
+    """The eval split's COCO-format ground truth: its annotation file, or built from its examples."""
+    if self._ground_truth is None:
+      split = self.config.eval_split
+      if split in metadata.annotation_files:
+        self._ground_truth = metadata.annotation_files[split]
+      else:
+        from nonlocal_jax import input_pipeline
+
+        builder = input_pipeline.create_builder(self.config)
+        source = input_pipeline.data_source(builder, split)
+        self._ground_truth = coco_eval.ground_truth_json(
+            (source[i] for i in range(len(source))), metadata)
+    return self._ground_truth
+
+  def _image_results(self, image: dict, metadata) -> list[dict]:
+    """One image's valid detections in its original pixels, as COCO result records."""
+    keep = image["valid"]
+    boxes = image["boxes"][keep]
+    size, original = tuple(image["image_size"]), tuple(image["original_size"])
+    masks = keypoints = None
+    original_boxes = postprocess.resize_boxes(boxes, size, original)
+    if "masks" in image:
+      masks = postprocess.paste_masks(image["masks"][keep], original_boxes, original)
+    if "keypoint_heatmaps" in image:
+      points, _ = postprocess.heatmaps_to_keypoints(image["keypoint_heatmaps"][keep], boxes)
+      keypoints = postprocess.resize_keypoints(points, size, original)
+    return coco_eval.coco_results(int(image["image_id"]), original_boxes, image["scores"][keep],
+                                  image["labels"][keep], metadata.category_ids, masks=masks,
+                                  keypoints=keypoints)
