@@ -191,7 +191,7 @@ def batch_spec(config: ml_collections.ConfigDict, features: tfds.features.Featur
     label_spec = jax.ShapeDtypeStruct((size, *label), np.int32)
   else:
     label_spec = {name: jax.ShapeDtypeStruct((size, *shape), dtype)
-                  for name, (shape, dtype) in modality.label_spec(config.input).items()}
+                  for name, (shape, dtype) in modality.label_spec(config.input, train).items()}
   return {"inputs": jax.ShapeDtypeStruct((size, *inputs), np.float32), "label": label_spec,
           "mask": jax.ShapeDtypeStruct((size,), np.bool_)}
 

@@ -342,3 +342,15 @@ def test_training_losses_are_finite_and_reach_every_head(name, heads):
   # The sampling stream advances: another call samples other anchors and RoIs.
   again = nnx.jit(lambda m: m.losses(images, targets))(model)
   assert float(sum(again.values())) != float(loss)
+
+
+@pytest.mark.parametrize("name,expected", [("maskrcnn_r50_fpn", 44_401_393),
+                                           ("keypointrcnn_r50_fpn", 59_137_258)])
+def test_parameter_counts_match_torchvision(name, expected):
+  """torchvision's published counts (its weights' metadata); its frozen BNs are buffers, ours
+  are the FrozenAffine scale and bias (2 per channel), counted apart."""
+  num_classes = 91 if name.startswith("mask") else 2
+  model = nnx.eval_shape(lambda: create_model(name, num_classes=num_classes, rngs=nnx.Rngs(0)))
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  total = sum(v.get_value().size for p, v in flat if "norm" not in p)
+  assert total == expected

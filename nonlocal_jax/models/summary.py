@@ -18,7 +18,9 @@ from flax import nnx
 
 from nonlocal_jax.models.registry import create_model, eval_mode, get_spec, list_models
 
-NUM_CLASSES = {"video": 400, "image": 1000, "segmentation": 19}
+NUM_CLASSES = {"video": 400, "image": 1000, "segmentation": 19, "detection": 91}
+# How the table runs a model of each task (default: model(x)); a detector's inference forward.
+FORWARD = {"detection": lambda model, x: model.detect(x, jnp.array([x.shape[1:3]] * x.shape[0]))}
 
 
 def summarize(name: str) -> dict:
@@ -29,7 +31,8 @@ def summarize(name: str) -> dict:
   params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   graphdef, state = nnx.split(eval_mode(model))
   x = jax.ShapeDtypeStruct((1, *spec.input_shape), jnp.float32)
-  lowered = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x)
+  forward = FORWARD.get(spec.task, lambda model, x: model(x))
+  lowered = jax.jit(lambda s, x: forward(nnx.merge(graphdef, s), x)).lower(state, x)
   return dict(name=name, task=spec.task, input_shape=list(spec.input_shape),
               num_classes=num_classes, params=int(params),
               gflops=lowered.cost_analysis()["flops"] / 1e9)

@@ -206,10 +206,12 @@ def _flip(image: np.ndarray, boxes: np.ndarray, masks: np.ndarray | None,
 
 
 def transform(example: dict, settings: ml_collections.ConfigDict, min_size: float,
-              flip: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+              flip: bool, masks: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """An example at `min_size`, flipped or not: ((pad_h, pad_w, 3) float32, targets).
 
-  See the module docstring for the steps and the targets.
+  See the module docstring for the steps and the targets; ``masks=False``
+  leaves out the masks even when ``settings.masks`` (evaluation scores against
+  the stored ground truth, and a COCO image's masks take ~180 MB padded).
   """
   image = np.asarray(example["image"])
   height, width = image.shape[:2]
@@ -217,7 +219,7 @@ def transform(example: dict, settings: ml_collections.ConfigDict, min_size: floa
   count = len(objects["label"])
   # ConvertCocoPolysToMask: boxes clamped to the image.
   boxes = np.clip(objects["bbox"], 0, np.float32([width, height, width, height]))
-  masks = decode_masks(objects["mask"], height, width) if settings.masks else None
+  masks = decode_masks(objects["mask"], height, width) if settings.masks and masks else None
   keypoints = objects.get("keypoints")
   if flip:
     flip_order = _check_keypoint_flip(settings) if keypoints is not None else None
@@ -271,7 +273,7 @@ def train_example(example: dict, rng: np.random.Generator,
 def eval_example(example: dict,
                  settings: ml_collections.ConfigDict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Deterministic: at ``test_min_size``, not flipped."""
-  return transform(example, settings, settings.test_min_size, flip=False)
+  return transform(example, settings, settings.test_min_size, flip=False, masks=False)
 
 
 def input_shape(settings: ml_collections.ConfigDict, stored_shape: tuple, train: bool) -> tuple:
@@ -286,14 +288,18 @@ def num_eval_views(settings: ml_collections.ConfigDict) -> int:
   return 1
 
 
-def target_spec(settings: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], type]]:
-  """{name: (shape, dtype)} of one example's targets (the batch adds a leading axis)."""
+def target_spec(settings: ml_collections.ConfigDict,
+                train: bool) -> dict[str, tuple[tuple[int, ...], type]]:
+  """{name: (shape, dtype)} of one example's targets (the batch adds a leading axis).
+
+  Masks only in training (see :func:`transform`).
+  """
   num, (pad_h, pad_w) = settings.max_objects, settings.pad_size
   spec = {"image_size": ((2,), np.int32), "original_size": ((2,), np.int32),
           "image_id": ((), np.int64), "boxes": ((num, 4), np.float32),
           "labels": ((num,), np.int32), "valid": ((num,), np.bool_),
           "is_crowd": ((num,), np.bool_)}
-  if settings.masks:
+  if settings.masks and train:
     spec["masks"] = ((num, pad_h, pad_w), np.uint8)
   if settings.num_keypoints:
     spec["keypoints"] = ((num, settings.num_keypoints, 3), np.float32)

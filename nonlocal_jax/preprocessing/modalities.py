@@ -40,9 +40,9 @@ class Modality:
   to_display: Callable[[np.ndarray, Settings], np.ndarray]
   # True: the label is a map of the input's (H, W); False: the stored label feature's shape.
   dense_label: bool = False
-  # None: the label is one int32 array (shape: see dense_label). Else settings -> {name:
+  # None: the label is one int32 array (shape: see dense_label). Else (settings, train) -> {name:
   # (shape, dtype)} of one example's label, a dict of arrays the modality returns as they are.
-  label_spec: Callable[[Settings], dict[str, tuple[tuple[int, ...], type]]] | None = None
+  label_spec: Callable[[Settings, bool], dict[str, tuple[tuple[int, ...], type]]] | None = None
 
 
 def _class_label(example: dict) -> np.ndarray:
