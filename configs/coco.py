@@ -85,14 +85,14 @@ def get_config(variant: str = "shapes") -> ml_collections.ConfigDict:
     config.frozen_params = r"/norm/"  # trained from scratch: only the folded norms stay fixed
     config.batch_size = 8
     config.eval_batch_size = 8
-    config.num_train_steps = 1500
+    config.num_train_steps = 1200
     config.learning_rate = 0.02
     config.schedule = "cosine"
-    config.warmup_steps = 100
+    config.warmup_steps = 50
     config.warmup_init_lr = 0.002
     config.weight_decay = 0.0
     config.log_every_steps = 100
-    config.checkpoint_every_steps = 500
+    config.checkpoint_every_steps = 600
     return common.expose_model_arguments(config)
 
   keypoints = COCO_KEYPOINT_NAMES if variant.startswith("keypoint") else ()
