@@ -1,6 +1,12 @@
 """Test-wide settings: a CPU with 8 virtual devices, float32 matmuls at full precision."""
 
 import os
+import sys
+
+# torch 2.14.1 (tests only; the build whose torchvision ops load here) is a CUDA build that
+# imports triton, and triton's native library crashes the process when TensorFlow is loaded
+# first. Nothing here runs on a GPU: make `import triton` fail, which torch handles.
+sys.modules.setdefault("triton", None)
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
