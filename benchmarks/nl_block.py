@@ -3,7 +3,8 @@
     python -m benchmarks.nl_block                       # every case, every path
     python -m benchmarks.nl_block --cases res3_8x8 res4_8x8 --json results.json
 
-Cases are the sizes of ../shared/reference/nl-cost.md with training batch sizes
+Cases are the non-local blocks of the paper's models (res3 / res4 of the Kinetics nets,
+NonLocalNet's head on Cityscapes; CASES below) with training batch sizes
 (Kinetics: 8 clips per device; Cityscapes: 2 crops per device; whole-image
 test: 1). For each case and attention path (einsum, chunked, and ``xla`` =
 ``jax.nn.dot_product_attention``), the block's

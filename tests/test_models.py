@@ -25,7 +25,7 @@ def output_shape(model, input_shape):
 
 
 @pytest.mark.parametrize("name,expected", [
-    # Counted from PySlowFast's own models (issue 2); BN running statistics are not parameters.
+    # Counted from PySlowFast's own models; BN running statistics are not parameters.
     ("c2d_r50", 24_327_632), ("i3d_r50", 28_043_472),
     ("c2d_nl5_r50", 31_686_096), ("i3d_nl5_r50", 35_401_936),
 ])
