@@ -354,3 +354,24 @@ def test_parameter_counts_match_torchvision(name, expected):
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
   total = sum(v.get_value().size for p, v in flat if "norm" not in p)
   assert total == expected
+
+
+def test_legacy_torchvision_key_names_convert_the_same(maskrcnn_pair):
+  """Files written before torchvision renamed its FPN / RPN / mask head modules (the published
+  COCO checkpoints) load as the current names do."""
+  import re
+  theirs, _ = maskrcnn_pair
+  state = {k: v.numpy() for k, v in theirs.state_dict().items()}
+  legacy = {}
+  for key, value in state.items():
+    key = re.sub(r"^(backbone\.fpn\.(inner|layer)_blocks\.\d+)\.0\.", r"\1.", key)
+    key = re.sub(r"^rpn\.head\.conv\.0\.0\.", "rpn.head.conv.", key)
+    key = re.sub(r"^roi_heads\.mask_head\.(\d+)\.0\.",
+                 lambda m: f"roi_heads.mask_head.mask_fcn{int(m.group(1)) + 1}.", key)
+    legacy[key] = value
+  assert "rpn.head.conv.weight" in legacy and "roi_heads.mask_head.mask_fcn4.bias" in legacy
+  modern = convert("torchvision", state, "maskrcnn_r50_fpn").weights
+  old = convert("torchvision", legacy, "maskrcnn_r50_fpn").weights
+  assert modern.keys() == old.keys()
+  for path in modern:
+    np.testing.assert_array_equal(modern[path], old[path])
