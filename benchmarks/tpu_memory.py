@@ -128,9 +128,10 @@ def table_rows(results: dict) -> list[dict]:
   for name in filter(lambda n: _ready(results, n), CONFIGS):
     models, estimated = memory_models(results, name)
     one, two = results[name].get("float32/1"), results[name]["float32/2"]
+    global_batch = load_config(name).batch_size
     for host in HOSTS:
       tpu_slice = tpu_chips.parse_slice(host)
-      chip, recipe = tpu_slice.chip, load_config(name).batch_size // tpu_slice.num_chips
+      chip, recipe = tpu_slice.chip, global_batch // tpu_slice.num_chips
       fixed, per_example = models["float32"]
       # FLOPs and bytes are linear in the batch: from two compiles, or proportional to one.
       if one:

@@ -233,13 +233,14 @@ class MaskRCNN(nnx.Module):
     levels = self.pyramid(images)
     objectness, deltas = self.rpn(levels)
     anchors, counts = self.anchors(images.shape[1:3])
+    anchor_boxes = jnp.asarray(anchors)
     anchor_labels, matched = jax.vmap(rpn_targets, in_axes=(None, 0, 0, 0))(
-        jnp.asarray(anchors), gt_boxes, gt_valid, crowd)
+        anchor_boxes, gt_boxes, gt_valid, crowd)
     positive, negative = jax.vmap(sample_balanced, in_axes=(0, 0, None, None))(
         anchor_labels, jax.random.split(rpn_key, b), *self.rpn_sampling)
     loss_objectness, loss_rpn_box = detection_losses.rpn_loss(
-        objectness.astype(jnp.float32), deltas.astype(jnp.float32), matched,
-        jnp.asarray(anchors), positive, negative)
+        objectness.astype(jnp.float32), deltas.astype(jnp.float32), matched, anchor_boxes,
+        positive, negative)
     # Proposals are not differentiated through (torchvision detaches them).
     proposals, _, proposal_valid = rpn_proposals(
         jax.lax.stop_gradient(objectness), jax.lax.stop_gradient(deltas), anchors, counts,

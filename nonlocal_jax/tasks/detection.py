@@ -65,7 +65,7 @@ class DetectionTask(Task):
         loss=metrics.Average.from_output("loss"),
         learning_rate=metrics.LastValue.from_output("learning_rate"),
         **{name: metrics.Average.from_output(name) for name in self.loss_names})
-    self._ground_truth = None
+    self._reference = None  # (metadata, ground truth) of the eval split, read once
 
   # -- training ---------------------------------------------------------------
 
@@ -101,7 +101,7 @@ class DetectionTask(Task):
 
   def host_metrics(self, collected: list[dict]) -> dict[str, float]:
     """COCO box (and mask / keypoint) AP of every eval image's detections."""
-    metadata = self._metadata()
+    metadata, ground_truth = self._eval_reference()
     results = []
     for batch in collected:
       for i in np.flatnonzero(batch["mask"]):
@@ -110,29 +110,30 @@ class DetectionTask(Task):
     iou_types += ("keypoints",) * bool(self.config.model.kwargs.num_keypoints)
     sigmas = keypoint_sigmas(metadata.keypoint_names) if metadata.num_keypoints else None
     image_ids = sorted({int(b["image_id"][i]) for b in collected for i in np.flatnonzero(b["mask"])})
-    return coco_eval.evaluate(self._ground_truth_of(metadata), results, iou_types,
-                              image_ids=image_ids, keypoint_sigmas=sigmas)
+    return coco_eval.evaluate(ground_truth, results, iou_types, image_ids=image_ids,
+                              keypoint_sigmas=sigmas)
 
-  def _metadata(self):
-    from nonlocal_jax import input_pipeline  # the task is built before any data exists
-    from nonlocal_jax.data.detection_features import DetectionMetadata
+  def _eval_reference(self) -> tuple:
+    """(DetectionMetadata, the eval split's COCO-format ground truth), read on first use.
 
-    return DetectionMetadata.from_info(input_pipeline.create_builder(self.config).info)
+    The ground truth is the split's annotation file (COCO) or is built from its
+    examples (our generated sets).
+    """
+    if self._reference is None:
+      from nonlocal_jax import input_pipeline  # the task is built before any data exists
+      from nonlocal_jax.data.detection_features import DetectionMetadata
 
-  def _ground_truth_of(self, metadata) -> "dict | str":
-    """The eval split's COCO-format ground truth: its annotation file, or built from its examples."""
-    if self._ground_truth is None:
+      builder = input_pipeline.create_builder(self.config)
+      metadata = DetectionMetadata.from_info(builder.info)
       split = self.config.eval_split
       if split in metadata.annotation_files:
-        self._ground_truth = metadata.annotation_files[split]
+        ground_truth = metadata.annotation_files[split]
       else:
-        from nonlocal_jax import input_pipeline
-
-        builder = input_pipeline.create_builder(self.config)
         source = input_pipeline.data_source(builder, split)
-        self._ground_truth = coco_eval.ground_truth_json(
-            (source[i] for i in range(len(source))), metadata)
-    return self._ground_truth
+        ground_truth = coco_eval.ground_truth_json((source[i] for i in range(len(source))),
+                                                   metadata)
+      self._reference = (metadata, ground_truth)
+    return self._reference
 
   def _image_results(self, image: dict, metadata) -> list[dict]:
     """One image's valid detections in its original pixels, as COCO result records."""
