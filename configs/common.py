@@ -11,11 +11,14 @@ from ml_collections import config_dict
 
 from nonlocal_jax.models import get_spec
 from nonlocal_jax.nonlocal_block import NonLocalBlock
+from nonlocal_jax.relation_module import RelationModule
 
 # Constructor arguments set elsewhere: by config.num_classes, config.compute_dtype,
 # config.remat, config.seed, or by the model itself for its non-local blocks.
 _NOT_MODEL_KWARGS = ("self", "rngs", "num_classes", "dtype", "param_dtype", "remat",
                      "in_features", "capture_attention")
+# Model arguments that are the keyword arguments of a sub-module, listed option by option.
+_SUBMODULE_OPTIONS = {"nonlocal_options": NonLocalBlock, "relation_options": RelationModule}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -90,13 +93,15 @@ def expose_model_arguments(config: ml_collections.ConfigDict) -> ml_collections.
   command line (``--config.model.kwargs.width=32``,
   ``--config.model.kwargs.head_pool_window=None`` for global pooling), and
   ``nonlocal_options`` lists every NonLocalBlock option
-  (``--config.model.kwargs.nonlocal_options.instantiation=gaussian``).
+  (``--config.model.kwargs.nonlocal_options.instantiation=gaussian``), and
+  ``relation_options`` every RelationModule option.
   Call it last in ``get_config``, once the model is chosen.
   """
   spec = get_spec(config.model.name)
   given = {**spec.kwargs, **config.model.kwargs.to_dict()}
   kwargs = _arguments(spec.constructor, given)
-  if "nonlocal_options" in kwargs:
-    kwargs.nonlocal_options = _arguments(NonLocalBlock, dict(given.get("nonlocal_options") or {}))
+  for name, module in _SUBMODULE_OPTIONS.items():
+    if name in kwargs:
+      kwargs[name] = _arguments(module, dict(given.get(name) or {}))
   config.model.kwargs = kwargs
   return config

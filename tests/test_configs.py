@@ -220,12 +220,12 @@ def all_variants():
           + [("ucf101", v[:-4]) for v in video if v.endswith("8x8")]
           + [("video_folder", v[:-4]) for v in video if v.endswith("8x8")]
           + [("imagenet", m) for m in list_models() if m.startswith("resnet")]
-          + [("coco", v) for v in (*coco.GENERATED_RUNS, *coco.COCO_RUNS)])
+          + [("coco", v) for v in (*coco.GENERATED_RUNS, *coco.COCO_RUNS, *coco.RELATION_RUNS)])
 
 
 def test_every_variant_names_a_registered_model():
   variants = all_variants()
-  assert len(variants) == 64 + 16 + 8 + 16 + 16 + 10 + 2 + 10
+  assert len(variants) == 64 + 16 + 8 + 16 + 16 + 10 + 2 + 10 + 3
   for name, variant in variants:
     config = load_config(name, variant)
     get_spec(config.model.name)  # raises for an unknown model

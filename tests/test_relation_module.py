@@ -208,3 +208,66 @@ def test_relative_geometry_by_hand():
   np.testing.assert_allclose(g[0, 1], np.log([17.5 / 10, 7.5 / 20, 10 / 5, 20 / 5]), rtol=1e-6)
   np.testing.assert_allclose(g[1, 0], np.log([17.5 / 5, 7.5 / 5, 5 / 10, 5 / 20]), rtol=1e-6)
   np.testing.assert_allclose(g[0, 0], np.log([1e-3, 1e-3, 1, 1]), rtol=1e-6, atol=1e-7)
+
+
+# -- the "2fc + RM" box head of the detector (paper eq. 10) ------------------------------------
+
+
+def test_box_head_with_relation_modules_matches_the_formula():
+  """fc6 -> +RM -> ReLU -> fc7 -> +RM -> ReLU -> scores / deltas, written out in numpy per image
+  with padded RoIs, against BoxHead(relation_modules=1)."""
+  from nonlocal_jax.detection.heads import BoxHead
+
+  options = dict(num_heads=4, key_features=8, geometry_features=16)
+  head = BoxHead(6, 3, resolution=2, representation=32, relation_modules=1,
+                 relation_options=options, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(7)
+  nnx.update(head, jax.tree.map(lambda p: jnp.asarray(rng.normal(0, 0.3, p.shape), p.dtype),
+                                nnx.state(head, nnx.Param)))
+  for module in (head.fc6_relations[0], head.fc7_relations[0]):
+    module.geometry.bias[...] = jnp.abs(module.geometry.bias[...]) + 0.5
+  pooled = rng.normal(size=(2 * 5, 2, 2, 6)).astype(np.float32)
+  boxes = np.stack([random_boxes(rng, 5) for _ in range(2)])
+  valid = np.array([[True, True, False, True, True], [True, False, False, True, False]])
+  scores, deltas = head(jnp.asarray(pooled), jnp.asarray(boxes), jnp.asarray(valid))
+
+  relu = lambda x: np.maximum(x, 0)
+  fc6 = np.asarray(head.fc6.kernel[...], np.float64).reshape(-1, 32)
+  x = pooled.reshape(10, -1) @ fc6 + np.asarray(head.fc6.bias[...], np.float64)
+  x = x.reshape(2, 5, 32)
+  x = relu(np.stack([reference(head.fc6_relations[0], x[b], boxes[b], valid[b]) for b in range(2)]))
+  x = np_linear(head.fc7, x)
+  x = relu(np.stack([reference(head.fc7_relations[0], x[b], boxes[b], valid[b]) for b in range(2)]))
+  np.testing.assert_allclose(np.asarray(scores).reshape(2, 5, 3), np_linear(head.scores, x),
+                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(deltas).reshape(2, 5, 12), np_linear(head.deltas, x),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_box_head_relation_arguments_are_checked():
+  from nonlocal_jax.detection.heads import BoxHead
+
+  with pytest.raises(ValueError, match="relation_modules must be an int >= 0.*-1"):
+    BoxHead(6, 3, relation_modules=-1, rngs=nnx.Rngs(0))
+  head = BoxHead(6, 3, resolution=2, representation=32, relation_modules=1,
+                 relation_options=dict(num_heads=4, key_features=8), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="needs the RoIs' boxes"):
+    head(jnp.zeros((4, 2, 2, 6)))
+  with pytest.raises(ValueError, match="num_heads=5 does not divide in_features=32"):
+    BoxHead(6, 3, representation=32, relation_modules=1, relation_options=dict(num_heads=5),
+            rngs=nnx.Rngs(0))
+
+
+def test_relation_config_builds_the_2fc_rm_detector():
+  from configs import coco
+  from nonlocal_jax import train
+
+  config = coco.get_config("shapes_rm")
+  assert config.model.kwargs.box_relation_modules == 1
+  assert config.model.kwargs.relation_options.num_heads == 16  # the paper's N_r, listed by flag
+  model = nnx.eval_shape(lambda: train.build_model(config, nnx.Rngs(0)))
+  assert len(model.box_head.fc6_relations) == len(model.box_head.fc7_relations) == 1
+  plain = nnx.eval_shape(lambda: train.build_model(coco.get_config("shapes"), nnx.Rngs(0)))
+  count = lambda m: sum(p.size for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  rm = model.box_head.fc6_relations[0]
+  assert count(model) - count(plain) == 2 * count(rm)

@@ -22,6 +22,7 @@ from flax import nnx
 
 from nonlocal_jax.detection.layers import ConvTranspose2d, kaiming_fan_out, upsample_bilinear
 from nonlocal_jax.nonlocal_block import NonLocalBlock
+from nonlocal_jax.relation_module import RelationModule
 
 # nn.Linear's default initialisation (kaiming_uniform_(a=sqrt(5)): U(+-1/sqrt(fan_in))).
 _torch_linear_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -58,11 +59,30 @@ class BoxHead(nnx.Module):
 
   ``fc6`` is a 7x7 'valid' convolution, i.e. torchvision's Linear over the
   flattened (C, 7, 7) features with its weight reshaped to (O, C, 7, 7).
+
+  With ``relation_modules`` = r > 0 this is the "2fc + RM" head of Hu et al.
+  (CVPR 2018, eq. 10; r1 = r2 = 1 in the paper): after each fully connected
+  layer, r object relation modules in sequence relate the RoIs of each image
+  (appearance + box geometry), each adding its output to the features, then
+  the ReLU (official code: ``fc_all_1 = fc_new_1 + attention_1``, then ReLU).
+  Every valid RoI of an image is a key; the official code keys on the RPN
+  proposals only, leaving out the ground-truth boxes appended in training.
+
+  Args:
+    relation_modules: relation modules after each of fc6 and fc7 (0: none,
+      torchvision's head).
+    relation_options: keyword arguments of every RelationModule (N_r 16,
+      d_k 64, d_g 64 by default, the paper's).
   """
 
   def __init__(self, in_features: int, num_classes: int, *, resolution: int = 7,
-               representation: int = 1024, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               representation: int = 1024, relation_modules: int = 0,
+               relation_options: Mapping[str, Any] | None = None, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if not isinstance(relation_modules, int) or isinstance(relation_modules, bool) or (
+        relation_modules < 0):
+      raise ValueError(f"relation_modules must be an int >= 0 (relation modules after each "
+                       f"fully connected layer), got {relation_modules!r}")
     common = dict(kernel_init=_torch_linear_init, dtype=dtype, param_dtype=param_dtype,
                   rngs=rngs)
     self.fc6 = nnx.Conv(in_features, representation, (resolution, resolution),
@@ -70,11 +90,33 @@ class BoxHead(nnx.Module):
     self.fc7 = nnx.Linear(representation, representation, **common)
     self.scores = nnx.Linear(representation, num_classes, **common)
     self.deltas = nnx.Linear(representation, 4 * num_classes, **common)
+    options = {"dtype": dtype, "param_dtype": param_dtype, **dict(relation_options or {})}
+    relations = lambda: nnx.List([RelationModule(representation, rngs=rngs, **options)
+                                  for _ in range(relation_modules)])
+    self.fc6_relations, self.fc7_relations = relations(), relations()
 
-  def __call__(self, pooled: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x = nnx.relu(self.fc6(pooled).reshape(pooled.shape[0], -1))
-    x = nnx.relu(self.fc7(x))
+  def __call__(self, pooled: jax.Array, boxes: jax.Array | None = None,
+               valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """pooled (B * R, 7, 7, C) RoI features; with relation modules also the RoIs'
+    boxes (B, R, 4) (x1, y1, x2, y2) and validity (B, R) -> logits, deltas."""
+    x = self.fc6(pooled).reshape(pooled.shape[0], -1)
+    x = nnx.relu(self._relate(self.fc6_relations, x, boxes, valid))
+    x = nnx.relu(self._relate(self.fc7_relations, self.fc7(x), boxes, valid))
     return self.scores(x), self.deltas(x).reshape(x.shape[0], -1, 4)
+
+  @staticmethod
+  def _relate(modules: nnx.List, x: jax.Array, boxes: jax.Array | None,
+              valid: jax.Array | None) -> jax.Array:
+    """(B * R, D) features -> (B * R, D) after the relation modules, per image."""
+    if not len(modules):
+      return x
+    if boxes is None or valid is None:
+      raise ValueError("a box head with relation modules needs the RoIs' boxes (B, R, 4) and "
+                       "validity (B, R)")
+    per_image = x.reshape(*valid.shape, x.shape[-1])
+    for module in modules:
+      per_image = module(per_image, boxes, valid)
+    return per_image.reshape(x.shape)
 
 
 class ConvStackHead(nnx.Module):

@@ -33,7 +33,7 @@ from flax import nnx
 
 from nonlocal_jax.models.image_resnet import ImageResNet
 from nonlocal_jax.models.lrnet import LRNet
-from nonlocal_jax.models.mask_rcnn import MaskRCNN
+from nonlocal_jax.models.mask_rcnn import DETECTOR_NONLOCAL_OPTIONS, MaskRCNN
 from nonlocal_jax.models.segmentation import NonLocalSegmenter
 from nonlocal_jax.models.video_resnet import VideoResNet
 
@@ -113,18 +113,21 @@ def _register_detectors() -> None:
   # Wang et al., section 6: 1 NL block right before the last res4 block (Mask R-CNN);
   # 4 in the keypoint head, one after every 2 of its 8 convolutions, optionally +1 in res4.
   head_nl = (1, 3, 5, 7)
+  # Stated in each preset, so that configs listing every block option keep it.
+  nl = dict(nonlocal_options=DETECTOR_NONLOCAL_OPTIONS)
   for depth, placements in NONLOCAL_PLACEMENTS.items():
     nl1 = placements["nl1"]
     for tag, blocks in (("", _NONE), ("_nl1", nl1)):
       register(f"maskrcnn_r{depth}_fpn{tag}", ModelSpec(
-          MaskRCNN, dict(depth=depth, nonlocal_blocks=blocks), (800, 1344, 3), "detection"))
+          MaskRCNN, dict(depth=depth, nonlocal_blocks=blocks, **nl), (800, 1344, 3),
+          "detection"))
     for tag, blocks, head in (("", _NONE, ()), ("_nl4", _NONE, head_nl),
                               ("_nl5", nl1, head_nl)):
       register(f"keypointrcnn_r{depth}_fpn{tag}", ModelSpec(
           MaskRCNN, dict(depth=depth, nonlocal_blocks=blocks, masks=False, num_keypoints=17,
-                         keypoint_nonlocal_after=head), (800, 1344, 3), "detection"))
+                         keypoint_nonlocal_after=head, **nl), (800, 1344, 3), "detection"))
   tiny = dict(width=8, stage_depths=(1, 1, 1, 1), fpn_features=32, box_features=64,
-              mask_features=32, keypoint_features=32)
+              mask_features=32, keypoint_features=32, **nl)
   register("maskrcnn_tiny", ModelSpec(MaskRCNN, tiny, (128, 128, 3), "detection"))
   register("maskrcnn_nl_tiny", ModelSpec(
       MaskRCNN, dict(nonlocal_blocks=((), (), (0,), ()), **tiny), (128, 128, 3), "detection"))
