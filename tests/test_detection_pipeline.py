@@ -6,7 +6,8 @@ temporary data dir. Resized images, boxes, masks and keypoints are compared
 with torchvision's own ``GeneralizedRCNNTransform`` (torch is a test-only
 reference), and with hand computations: the analytic resize scale, the
 mirrored boxes, the left / right keypoint swap written out by hand, and
-``decode_masks`` resized with torch's nearest interpolation. The pipeline's
+``decode_masks`` resized with torch's nearest interpolation; mask patches
+against the full-resolution masks' areas (integral images). The pipeline's
 batches are checked against ``batch_spec`` and the stored examples they come
 from.
 """
@@ -236,6 +237,7 @@ def test_default_settings_are_torchvisions():
   settings = detection.default_config()
   assert tuple(settings.train_min_sizes) == (800,) and settings.max_size == 1333
   assert settings.test_min_size == 800 and settings.num_keypoints == 0 and settings.masks
+  assert settings.mask_patch_size == 0  # full-resolution masks, as torchvision
   pad_h, pad_w = settings.pad_size
   assert pad_h == pad_w == -(-settings.max_size // 32) * 32
   # Every image fits, portrait or landscape, up to the extreme aspect ratios.
@@ -245,6 +247,100 @@ def test_default_settings_are_torchvisions():
   assert detection.resized_size(500, 2000, 800, 1333) == (333, 1333)
   metadata = ShapesDetection(config="figures").metadata()  # known without data
   assert tuple(detection.default_config(metadata).keypoint_flip) == FIGURE_FLIP
+
+
+def cell_areas(mask: np.ndarray, box: np.ndarray, cells: int) -> np.ndarray:
+  """(cells, cells): the part of each of the box's equal cells that `mask` (h, w) 0/1 covers.
+
+  From the mask's integral image S (S[r, c] = mask[:r, :c].sum()): the mask is
+  constant on each pixel (r, c) = [c, c + 1) x [r, r + 1), so its integral up
+  to a point is S interpolated bilinearly; a cell's area is then
+  S(y2, x2) - S(y1, x2) - S(y2, x1) + S(y1, x1).
+  """
+  height, width = mask.shape
+  table = np.zeros((height + 1, width + 1))
+  table[1:, 1:] = mask.astype(np.float64).cumsum(0).cumsum(1)
+  x1, y1, x2, y2 = np.asarray(box, np.float64)
+  ys = np.clip(y1 + (y2 - y1) * np.arange(cells + 1) / cells, 0, height)
+  xs = np.clip(x1 + (x2 - x1) * np.arange(cells + 1) / cells, 0, width)
+  r, c = np.minimum(ys.astype(int), height - 1), np.minimum(xs.astype(int), width - 1)
+  a, b = (ys - r)[:, None], (xs - c)[None, :]
+  integral = ((1 - a) * (1 - b) * table[r[:, None], c] + a * (1 - b) * table[r[:, None] + 1, c]
+              + (1 - a) * b * table[r[:, None], c + 1] + a * b * table[r[:, None] + 1, c + 1])
+  areas = integral[1:, 1:] - integral[:-1, 1:] - integral[1:, :-1] + integral[:-1, :-1]
+  return areas / ((y2 - y1) / cells * (x2 - x1) / cells)
+
+
+@pytest.mark.parametrize("flipped", [False, True])
+def test_mask_patches_are_the_masks_areas_on_their_boxes(data_dir, flipped):
+  """mask_patch_size = P: 'mask_patches' (M, P, P) instead of 'masks', each object's share of
+  its box's cells covered by the full-resolution mask target of the same transform; the
+  other targets unchanged."""
+  full = make_config(data_dir, "shapes_detection/shapes_small")
+  patched = make_config(data_dir, "shapes_detection/shapes_small", mask_patch_size=12)
+  source = source_of(full)
+  objects = 0
+  for index, min_size in ((0, 96), (1, 80), (2, 64), (3, 96), (4, 80), (5, 64)):
+    _, want = detection.transform(source[index], full.input, min_size, flipped)
+    inputs, targets = detection.transform(source[index], patched.input, min_size, flipped)
+    assert "masks" not in targets and set(targets) == set(want) - {"masks"} | {"mask_patches"}
+    for name in set(targets) - {"mask_patches"}:
+      np.testing.assert_array_equal(targets[name], want[name], err_msg=name)
+    patches = targets["mask_patches"]
+    assert patches.shape == (8, 12, 12) and patches.dtype == np.float32
+    n = len(source[index]["objects"]["label"])
+    for i in range(n):
+      np.testing.assert_allclose(patches[i], cell_areas(want["masks"][i], want["boxes"][i], 12),
+                                 rtol=0, atol=1e-5)
+    assert not patches[n:].any()
+    assert (patches[:n] == 1).any() and ((patches[:n] > 0) & (patches[:n] < 1)).any()
+    objects += n
+  assert objects > 6
+
+
+def test_patches_of_a_flipped_image_are_the_patches_flipped(data_dir):
+  """At scale 1 (min_size the short side) a flip mirrors each patch.
+  Resized, torch's nearest rule is not mirror-symmetric: patches then follow the flipped
+  resized masks (test_mask_patches_are_the_masks_areas_on_their_boxes)."""
+  config = make_config(data_dir, "shapes_detection/figures_small", mask_patch_size=10)
+  source = source_of(config)
+  for index in range(6):
+    example = source[index]
+    min_size = min(example["image"].shape[:2])
+    _, plain = detection.transform(example, config.input, min_size, flip=False)
+    _, flipped = detection.transform(example, config.input, min_size, flip=True)
+    assert tuple(plain["image_size"]) == example["image"].shape[:2]
+    np.testing.assert_allclose(flipped["mask_patches"], plain["mask_patches"][:, :, ::-1],
+                               rtol=0, atol=1e-6)
+    assert plain["mask_patches"].any()
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, True, "28", None])
+def test_bad_mask_patch_size_is_rejected(data_dir, value):
+  config = make_config(data_dir, "shapes_detection/shapes_small")
+  # A new dict: ConfigDict keeps a field's type (an int here) on assignment.
+  config.input = ml_collections.ConfigDict({**config.input.to_dict(), "mask_patch_size": value})
+  message = rf"config.input.mask_patch_size={value!r} must be an int >= 0"
+  with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    detection.transform(source_of(config)[0], config.input, 96, flip=False)
+  with pytest.raises(ValueError, match="mask_patch_size"):
+    input_pipeline.batch_spec(config, input_pipeline.get_builder(config).info.features,
+                              train=True)
+
+
+def test_train_batches_with_mask_patches_match_their_spec(data_dir):
+  config = make_config(data_dir, "shapes_detection/figures_small", mask_patch_size=14)
+  builder = input_pipeline.get_builder(config)
+  spec = input_pipeline.batch_spec(config, builder.info.features, train=True)
+  assert "masks" not in spec["label"]
+  assert (spec["label"]["mask_patches"].shape, spec["label"]["mask_patches"].dtype) == (
+      (config.batch_size, 8, 14, 14), np.float32)
+  batch = next(input_pipeline.train_iterator(builder, config))
+  assert_matches_spec(batch, spec)
+  assert batch["label"]["mask_patches"].any()
+  eval_spec = input_pipeline.batch_spec(config, builder.info.features, train=False)
+  assert not {"masks", "mask_patches"} & set(eval_spec["label"])
+  assert_matches_spec(next(input_pipeline.eval_iterator(builder, config)), eval_spec)
 
 
 def assert_matches_spec(batch: dict, spec: dict) -> None:

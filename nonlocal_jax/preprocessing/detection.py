@@ -32,6 +32,7 @@ One stored example (:mod:`nonlocal_jax.data.detection_features`) becomes
 Settings (``config.input``, :func:`default_config`): ``train_min_sizes``,
 ``max_size``, ``test_min_size``, ``pad_size`` (H, W), ``max_objects`` M
 (objects past the first M stored are dropped), ``masks`` (emit masks),
+``mask_patch_size`` P (0: full-resolution 'masks'; P > 0: 'mask_patches'),
 ``num_keypoints`` K (0: none), ``keypoint_flip`` (K,) the flip permutation,
 ``flip`` (random flips in training), ``mean`` / ``std``. The modality
 functions only see ``(example, rng, settings)``, so the data set's flip
@@ -49,7 +50,18 @@ Targets (numpy, M = ``max_objects``, padded with zeros / False):
   (the boxes ``ConvertCocoPolysToMask`` keeps; torchvision also drops crowd
   objects there, which stay here with ``is_crowd`` for the model to ignore).
 * 'is_crowd' (M,) bool.
-* 'masks' (M, pad_h, pad_w) uint8 0/1, only when ``masks``.
+* 'masks' (M, pad_h, pad_w) uint8 0/1, only when ``masks`` and ``mask_patch_size`` is 0
+  (at COCO's pad_size and M = 100: 180 MB per image).
+* 'mask_patches' (M, P, P) float32, only when ``masks`` and P = ``mask_patch_size`` > 0,
+  instead of 'masks': each object's resized mask area-averaged over a P x P
+  grid of equal cells covering exactly its box, i.e. the fraction of each
+  cell the mask covers (:func:`mask_patches`), 4 P^2 M bytes per image. The
+  model turns them into its mask targets
+  (:func:`nonlocal_jax.detection.losses.mask_targets_from_patches`), as the
+  TPU Mask R-CNN reference crops masks to their boxes in its input pipeline
+  (tensorflow/tpu ``models/official/mask_rcnn/preprocess_ops.py`` ``crop_gt_masks``).
+  float32, not uint8: exact area fractions (a uint8 quantisation would add
+  up to 1/510 per cell) at a size that no longer matters.
 * 'keypoints' (M, K, 3) float32 (x, y, v) in resized pixels, only when K > 0.
 """
 
@@ -80,8 +92,8 @@ def default_config(metadata: DetectionMetadata | None = None) -> ml_collections.
   keypoint_flip = tuple(metadata.keypoint_flip) if metadata is not None else ()
   return ml_collections.ConfigDict(dict(
       train_min_sizes=(800,), max_size=1333, test_min_size=800, pad_size=(1344, 1344),
-      max_objects=100, masks=True, num_keypoints=num_keypoints, keypoint_flip=keypoint_flip,
-      flip=True, mean=MEAN, std=STD))
+      max_objects=100, masks=True, mask_patch_size=0, num_keypoints=num_keypoints,
+      keypoint_flip=keypoint_flip, flip=True, mean=MEAN, std=STD))
 
 
 def resized_size(height: int, width: int, min_size: float, max_size: float) -> tuple[int, int]:
@@ -143,6 +155,68 @@ def resize_nearest(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   rows = _nearest_index(masks.shape[1], size[0])
   cols = _nearest_index(masks.shape[2], size[1])
   return masks[:, rows[:, None], cols[None, :]]
+
+
+def _cell_overlaps(start: float, end: float, source: np.ndarray,
+                   cells: int) -> tuple[np.ndarray, slice]:
+  """One axis of a box's cells, on the stored mask: (cells, n) weights and the n stored pixels.
+
+  The box side [start, end) (resized pixels) is cut into `cells` equal cells;
+  resized pixel r covers [r, r + 1) and copies stored pixel ``source[r]``
+  (:func:`_nearest_index`). Entry (k, j) is the part of cell k that the
+  resized pixels copying stored pixel s0 + j cover, so a row sums to 1 (less
+  where the box leaves the image). All zeros for an empty box.
+  """
+  first = min(max(math.floor(start), 0), len(source))
+  stop = min(max(math.ceil(end), first), len(source))
+  if end <= start or stop == first:
+    return np.zeros((cells, 0)), slice(0, 0)
+  edges = start + (end - start) * np.arange(cells + 1) / cells
+  pixels = np.arange(first, stop)
+  overlap = np.maximum(
+      np.minimum(edges[1:, None], pixels + 1) - np.maximum(edges[:-1, None], pixels), 0)
+  # `source` is non-decreasing: sum each run of resized pixels copying one stored pixel.
+  copied = source[first:stop]
+  runs = np.flatnonzero(np.diff(copied, prepend=-1))
+  weights = np.zeros((cells, copied[-1] + 1 - copied[0]))
+  weights[:, copied[runs] - copied[0]] = np.add.reduceat(overlap, runs, axis=1)
+  return weights * (cells / (end - start)), slice(copied[0], copied[-1] + 1)
+
+
+def mask_patches(masks: np.ndarray, boxes: np.ndarray, size: tuple[int, int],
+                 patch_size: int) -> np.ndarray:
+  """(N, H, W) stored masks resized to `size` by :func:`resize_nearest`, on their boxes' cells.
+
+  `boxes` (N, 4) float (x1, y1, x2, y2) in resized pixels. Returns (N, P, P)
+  float32, P = `patch_size`: entry (k, l) is the fraction of cell (k, l) of
+  the box's P x P grid of equal cells that the resized mask covers (pixel
+  (r, c) covering [c, c + 1) x [r, r + 1)). Area averages, not point
+  samples: the patch keeps the mask's area in every cell, which the mask
+  targets integrate over (RoIAlign's samples average the mask over unit
+  windows; see :func:`nonlocal_jax.detection.losses.mask_targets_from_patches`);
+  point samples (e.g. bilinear at the cells' centres) alias once a cell holds
+  several pixels. Computed as A_y . stored crop . A_x^T with the per-axis
+  weights of :func:`_cell_overlaps`, which fold the nearest resize in: no
+  resized mask is made.
+  """
+  rows = _nearest_index(masks.shape[1], size[0])
+  cols = _nearest_index(masks.shape[2], size[1])
+  patches = np.zeros((len(masks), patch_size, patch_size), np.float32)
+  for mask, box, patch in zip(masks, np.asarray(boxes, np.float64), patches):
+    across_rows, row_span = _cell_overlaps(box[1], box[3], rows, patch_size)
+    across_cols, col_span = _cell_overlaps(box[0], box[2], cols, patch_size)
+    patch[:] = across_rows @ mask[row_span, col_span].astype(np.float64) @ across_cols.T
+  return patches
+
+
+def _mask_patch_size(settings: ml_collections.ConfigDict) -> int:
+  """``settings.mask_patch_size``, checked: an int >= 0."""
+  value = settings.mask_patch_size
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+    raise ValueError(f"config.input.mask_patch_size={value!r} must be an int >= 0: 0 for "
+                     "full-resolution 'masks' targets, P > 0 for (M, P, P) 'mask_patches' "
+                     "on the objects' boxes")
+  return int(value)
 
 
 def normalize(image: np.ndarray, settings: ml_collections.ConfigDict) -> np.ndarray:
@@ -210,9 +284,11 @@ def transform(example: dict, settings: ml_collections.ConfigDict, min_size: floa
   """An example at `min_size`, flipped or not: ((pad_h, pad_w, 3) float32, targets).
 
   See the module docstring for the steps and the targets; ``masks=False``
-  leaves out the masks even when ``settings.masks`` (evaluation scores against
-  the stored ground truth, and a COCO image's masks take ~180 MB padded).
+  leaves out the masks (and mask patches) even when ``settings.masks``
+  (evaluation scores against the stored ground truth, and a COCO image's
+  masks take ~180 MB padded).
   """
+  patch_size = _mask_patch_size(settings)
   image = np.asarray(example["image"])
   height, width = image.shape[:2]
   objects = _stored_objects(example, settings)
@@ -252,7 +328,10 @@ def transform(example: dict, settings: ml_collections.ConfigDict, min_size: floa
   targets["labels"][:count] = objects["label"] + 1
   targets["valid"][:count] = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
   targets["is_crowd"][:count] = objects["is_crowd"]
-  if masks is not None:
+  if masks is not None and patch_size:
+    targets["mask_patches"] = np.zeros((num, patch_size, patch_size), np.float32)
+    targets["mask_patches"][:count] = mask_patches(masks, boxes, size, patch_size)
+  elif masks is not None:
     targets["masks"] = np.zeros((num, pad_h, pad_w), np.uint8)
     targets["masks"][:count, :size[0], :size[1]] = resize_nearest(masks, size)
   if settings.num_keypoints:
@@ -292,14 +371,17 @@ def target_spec(settings: ml_collections.ConfigDict,
                 train: bool) -> dict[str, tuple[tuple[int, ...], type]]:
   """{name: (shape, dtype)} of one example's targets (the batch adds a leading axis).
 
-  Masks only in training (see :func:`transform`).
+  Masks (or mask patches) only in training (see :func:`transform`).
   """
+  patch_size = _mask_patch_size(settings)
   num, (pad_h, pad_w) = settings.max_objects, settings.pad_size
   spec = {"image_size": ((2,), np.int32), "original_size": ((2,), np.int32),
           "image_id": ((), np.int64), "boxes": ((num, 4), np.float32),
           "labels": ((num,), np.int32), "valid": ((num,), np.bool_),
           "is_crowd": ((num,), np.bool_)}
-  if settings.masks and train:
+  if settings.masks and train and patch_size:
+    spec["mask_patches"] = ((num, patch_size, patch_size), np.float32)
+  elif settings.masks and train:
     spec["masks"] = ((num, pad_h, pad_w), np.uint8)
   if settings.num_keypoints:
     spec["keypoints"] = ((num, settings.num_keypoints, 3), np.float32)
