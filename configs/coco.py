@@ -10,6 +10,10 @@ Variants:
   right before the last res4 block (the paper's Table 5);
 * ``keypointrcnn_{r50,r101}[_nl4,_nl5]``: Keypoint R-CNN R-FPN, 4 non-local
   blocks in the keypoint head (``_nl4``), plus 1 in res4 (``_nl5``) (Table 6);
+* ``maskrcnn_{r50,r101}_rm`` / ``shapes_rm``: the same detector with the
+  "2fc + RM" box head of Hu et al. (CVPR 2018): one object relation module
+  after each fully connected layer (``box_relation_modules=1``; that paper's
+  own FPN runs used Faster R-CNN, its recipe is not reproduced here);
 * ``shapes`` / ``figures``: tiny detectors on our generated data sets
   (``shapes_detection``: shapes with boxes and masks; stick figures with 7
   keypoints), trained from scratch on a CPU.
@@ -43,6 +47,9 @@ COCO_RUNS = {
        for nl in ("", "_nl4", "_nl5")},
 }
 GENERATED_RUNS = ("shapes", "figures")
+# "2fc + RM" variants: run -> the run whose box head gets the relation modules.
+RELATION_RUNS = {"maskrcnn_r50_rm": "maskrcnn_r50", "maskrcnn_r101_rm": "maskrcnn_r101",
+                 "shapes_rm": "shapes"}
 
 
 def _detection_config(dataset: str, model: str, num_classes: int, keypoint_names=()):
@@ -66,9 +73,13 @@ def _detection_config(dataset: str, model: str, num_classes: int, keypoint_names
 
 
 def get_config(variant: str = "shapes") -> ml_collections.ConfigDict:
-  if variant not in COCO_RUNS and variant not in GENERATED_RUNS:
+  if variant not in COCO_RUNS and variant not in GENERATED_RUNS and variant not in RELATION_RUNS:
     raise ValueError(f"unknown variant {variant!r}; one of "
-                     f"{', '.join([*GENERATED_RUNS, *COCO_RUNS])}")
+                     f"{', '.join([*GENERATED_RUNS, *COCO_RUNS, *RELATION_RUNS])}")
+  if variant in RELATION_RUNS:
+    config = get_config(RELATION_RUNS[variant])
+    config.model.kwargs.box_relation_modules = 1
+    return config
   if variant in GENERATED_RUNS:
     keypoints = FIGURE_KEYPOINT_NAMES if variant == "figures" else ()
     classes = 1 if keypoints else len(SHAPE_NAMES)
@@ -102,6 +113,11 @@ def get_config(variant: str = "shapes") -> ml_collections.ConfigDict:
   config.manual_dir = "~/data/coco"
   if keypoints:
     config.input.train_min_sizes = (640, 672, 704, 736, 768, 800)
+  else:
+    # Each mask as a 56x56 patch of its box (1.25 MB per image for 100 objects, not 180 MB
+    # at 1344x1344); the 28x28 targets then differ from full-resolution ones by ~0.003-0.01
+    # on average (nonlocal_jax/detection/losses.py mask_targets_from_patches).
+    config.input.mask_patch_size = 56
   config.batch_size = 16
   config.eval_batch_size = 8
   config.learning_rate = 0.02

@@ -318,11 +318,14 @@ def synthetic_targets(rng: np.random.Generator, batch: int, size: int, objects: 
           "keypoints": keypoints}
 
 
-@pytest.mark.parametrize("name,heads", [("maskrcnn_nl_tiny", {"loss_mask"}),
-                                        ("keypointrcnn_tiny", {"loss_keypoint"})])
-def test_training_losses_are_finite_and_reach_every_head(name, heads):
+@pytest.mark.parametrize("name,heads,kwargs", [
+    ("maskrcnn_nl_tiny", {"loss_mask"}, {}),
+    ("keypointrcnn_tiny", {"loss_keypoint"}, {}),
+    ("maskrcnn_tiny", {"loss_mask"}, dict(box_relation_modules=1, relation_options=dict(
+        num_heads=4, key_features=16, geometry_features=16)))])
+def test_training_losses_are_finite_and_reach_every_head(name, heads, kwargs):
   model = create_model(name, num_classes=4, rngs=nnx.Rngs(0), rpn_post_nms_top_n_train=100,
-                       box_batch_size_per_image=32)
+                       box_batch_size_per_image=32, **kwargs)
   rng = np.random.default_rng(11)
   images = jnp.asarray(rng.normal(size=(2, 64, 64, 3)), jnp.float32)
   targets = jax.tree.map(jnp.asarray, synthetic_targets(rng, 2, 64, 3, 4, num_keypoints=7))
@@ -339,6 +342,12 @@ def test_training_losses_are_finite_and_reach_every_head(name, heads):
       "mask_head" if h == "loss_mask" else "keypoint_head" for h in heads):
     norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(nnx.state(getattr(grads, module))))
     assert norm > 0, module
+  if kwargs:  # "2fc + RM": the relation modules train and run at inference too
+    for relations in ("fc6_relations", "fc7_relations"):
+      norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["box_head"][relations]))
+      assert norm > 0, relations
+    out = nnx.jit(lambda m: m.detect(images, targets["image_size"]))(model)
+    assert out["boxes"].shape == (2, 100, 4) and out["masks"].shape == (2, 100, 28, 28)
   # The sampling stream advances: another call samples other anchors and RoIs.
   again = nnx.jit(lambda m: m.losses(images, targets))(model)
   assert float(sum(again.values())) != float(loss)
@@ -375,3 +384,18 @@ def test_legacy_torchvision_key_names_convert_the_same(maskrcnn_pair):
   assert modern.keys() == old.keys()
   for path in modern:
     np.testing.assert_array_equal(modern[path], old[path])
+
+
+@pytest.mark.parametrize("variant", ["figures", "maskrcnn_r50_nl1", "keypointrcnn_r50_nl5"])
+def test_detector_configs_keep_blocks_without_batch_norm(variant):
+  """Configs list every NonLocalBlock option; the detector presets' final_norm='none' stays."""
+  from configs import coco
+  from nonlocal_jax import train
+  from nonlocal_jax.nonlocal_block import NonLocalBlock
+
+  config = coco.get_config(variant)
+  assert config.model.kwargs.nonlocal_options.final_norm == "none"
+  model = nnx.eval_shape(lambda: train.build_model(config, nnx.Rngs(0)))
+  blocks = [m for _, m in nnx.iter_graph(model) if isinstance(m, NonLocalBlock)]
+  assert blocks and all(b.final_norm == "none" for b in blocks)
+  assert not nnx.state(model, nnx.BatchStat)

@@ -80,6 +80,10 @@ class MaskRCNN(nnx.Module):
       settings, torchvision's names and defaults.
     box_candidates: (proposal, class) pairs entering the final NMS (static
       shapes; see :mod:`nonlocal_jax.detection.proposals`).
+    box_relation_modules: object relation modules after each of the box
+      head's fully connected layers (Hu et al., CVPR 2018: "2fc + RM", 1;
+      0: none, torchvision's head). See :class:`BoxHead`.
+    relation_options: keyword arguments of those RelationModules.
   """
 
   def __init__(
@@ -114,6 +118,8 @@ class MaskRCNN(nnx.Module):
       box_nms_thresh: float = 0.5,
       box_detections_per_img: int = 100,
       box_candidates: int = 4000,
+      box_relation_modules: int = 0,
+      relation_options: Mapping[str, Any] | None = None,
       dtype: Any = None,
       param_dtype: Any = jnp.float32,
       rngs: nnx.Rngs,
@@ -143,7 +149,9 @@ class MaskRCNN(nnx.Module):
                                 width=width, norm=norm, zero_init_residual=False, **common)
     self.fpn = FeaturePyramid([4 * width * 2**s for s in range(4)], fpn_features, **common)
     self.rpn = RPNHead(fpn_features, len(aspect_ratios), **common)
-    self.box_head = BoxHead(fpn_features, num_classes, representation=box_features, **common)
+    self.box_head = BoxHead(fpn_features, num_classes, representation=box_features,
+                            relation_modules=box_relation_modules,
+                            relation_options=relation_options, **common)
     self.mask_head = ConvStackHead(fpn_features, mask_features, 4, **common) if masks else None
     self.mask_predictor = MaskPredictor(mask_features, mask_features, num_classes,
                                         **common) if masks else None
@@ -195,7 +203,8 @@ class MaskRCNN(nnx.Module):
     levels = self.pyramid(images)
     proposals, proposal_valid = self.propose(levels, images.shape[1:3], image_sizes)
     b, p = proposals.shape[:2]
-    logits, box_deltas = self.box_head(self.pool(levels, proposals, proposal_valid, 7))
+    logits, box_deltas = self.box_head(self.pool(levels, proposals, proposal_valid, 7),
+                                       proposals, proposal_valid)
     out = detections(logits.reshape(b, p, -1), box_deltas.reshape(b, p, -1, 4), proposals,
                      proposal_valid, image_sizes, **self.box_test)
     d = out["boxes"].shape[1]
@@ -219,8 +228,9 @@ class MaskRCNN(nnx.Module):
       images: (B, H, W, 3) normalised, zero-padded images.
       targets: {'image_size' (B, 2) int (height, width) before padding,
         'boxes' (B, M, 4), 'labels' (B, M) int in 1..K-1, 'valid' (B, M),
-        'is_crowd' (B, M), and 'masks' (B, M, H, W) for the mask head,
-        'keypoints' (B, M, K, 3) for the keypoint head} (the detection
+        'is_crowd' (B, M), and 'masks' (B, M, H, W) or 'mask_patches'
+        (B, M, P, P) (masks on their boxes, used when present) for the mask
+        head, 'keypoints' (B, M, K, 3) for the keypoint head} (the detection
         modality's targets, :mod:`nonlocal_jax.preprocessing.detection`).
 
     Returns:
@@ -250,7 +260,8 @@ class MaskRCNN(nnx.Module):
             proposals, proposal_valid, gt_boxes, targets["labels"], gt_valid, crowd,
             jax.random.split(roi_key, b))
     s = rois["boxes"].shape[1]
-    logits, box_deltas = self.box_head(self.pool(levels, rois["boxes"], rois["valid"], 7))
+    logits, box_deltas = self.box_head(self.pool(levels, rois["boxes"], rois["valid"], 7),
+                                       rois["boxes"], rois["valid"])
     loss_classifier, loss_box = detection_losses.fastrcnn_loss(
         logits.reshape(b, s, -1), box_deltas.reshape(b, s, -1, 4), rois["labels"],
         rois["regression_targets"], rois["valid"])
@@ -262,8 +273,13 @@ class MaskRCNN(nnx.Module):
     if self.mask_head is not None:
       mask_logits = self.mask_predictor(self.mask_head(self.pool(
           levels, positive_rois["boxes"], positive_rois["positive"], 14)))
-      mask_targets = jax.vmap(detection_losses.mask_targets)(
-          targets["masks"], positive_rois["matched_gt"], positive_rois["boxes"])
+      if "mask_patches" in targets:
+        mask_targets = jax.vmap(detection_losses.mask_targets_from_patches)(
+            targets["mask_patches"], gt_boxes, positive_rois["matched_gt"],
+            positive_rois["boxes"])
+      else:
+        mask_targets = jax.vmap(detection_losses.mask_targets)(
+            targets["masks"], positive_rois["matched_gt"], positive_rois["boxes"])
       out["loss_mask"] = detection_losses.maskrcnn_loss(
           mask_logits.reshape(b, first, *mask_logits.shape[1:]), positive_rois["labels"],
           mask_targets, positive_rois["positive"])
