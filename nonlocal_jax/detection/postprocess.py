@@ -366,3 +366,30 @@ def heatmaps_to_keypoints(heatmaps: np.ndarray, boxes: np.ndarray
     keypoints[i, :, 0] = (col.astype(np.float32) + _HALF) * width_correction + boxes[i, 0]
     keypoints[i, :, 1] = (row.astype(np.float32) + _HALF) * height_correction + boxes[i, 1]
   return keypoints, scores
+
+
+def to_image_pixels(boxes: np.ndarray, masks: np.ndarray | None,
+                    keypoint_heatmaps: np.ndarray | None, input_size: Sequence[int],
+                    image_size: Sequence[int]
+                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+  """One image's detections from the model input's pixels to the image's (torchvision's
+  ``GeneralizedRCNNTransform.postprocess`` then ``paste_masks_in_image``).
+
+  Args:
+    boxes: (N, 4) in the resized input's pixels (before padding), `input_size` (h, w).
+    masks: (N, M, M) mask probabilities of the predicted class, or None.
+    keypoint_heatmaps: (N, S, S, K) heatmap logits, or None.
+    image_size: (H, W) of the original image.
+
+  Returns:
+    boxes (N, 4) resized, masks (N, H, W) float32 probabilities pasted with the
+    resized boxes (or None), keypoints (N, K, 3) (x, y, 1) decoded in the input's
+    pixels and then resized (or None).
+  """
+  image_boxes = resize_boxes(boxes, input_size, image_size)
+  pasted = None if masks is None else paste_masks(masks, image_boxes, image_size)
+  keypoints = None
+  if keypoint_heatmaps is not None:
+    points, _ = heatmaps_to_keypoints(keypoint_heatmaps, boxes)
+    keypoints = resize_keypoints(points, input_size, image_size)
+  return image_boxes, pasted, keypoints

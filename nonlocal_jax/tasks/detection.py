@@ -138,15 +138,10 @@ class DetectionTask(Task):
   def _image_results(self, image: dict, metadata) -> list[dict]:
     """One image's valid detections in its original pixels, as COCO result records."""
     keep = image["valid"]
-    boxes = image["boxes"][keep]
-    size, original = tuple(image["image_size"]), tuple(image["original_size"])
-    masks = keypoints = None
-    original_boxes = postprocess.resize_boxes(boxes, size, original)
-    if "masks" in image:
-      masks = postprocess.paste_masks(image["masks"][keep], original_boxes, original)
-    if "keypoint_heatmaps" in image:
-      points, _ = postprocess.heatmaps_to_keypoints(image["keypoint_heatmaps"][keep], boxes)
-      keypoints = postprocess.resize_keypoints(points, size, original)
+    original_boxes, masks, keypoints = postprocess.to_image_pixels(
+        image["boxes"][keep], image["masks"][keep] if "masks" in image else None,
+        image["keypoint_heatmaps"][keep] if "keypoint_heatmaps" in image else None,
+        image["image_size"], image["original_size"])
     return coco_eval.coco_results(int(image["image_id"]), original_boxes, image["scores"][keep],
                                   image["labels"][keep], metadata.category_ids, masks=masks,
                                   keypoints=keypoints)
