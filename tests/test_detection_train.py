@@ -1,5 +1,10 @@
 """Training a detector end to end: configs/coco.py:shapes on the small generated set."""
 
+import ast
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -9,7 +14,7 @@ from configs import coco
 from nonlocal_jax import checkpoints, input_pipeline, train
 from nonlocal_jax.data.shapes_detection import ShapesDetection
 from nonlocal_jax.plot import read_scalars
-from tests.test_train import to_numpy
+from tests.test_train import ROOT, free_port, to_numpy
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +59,42 @@ def test_detector_step_on_8_devices_equals_1_device(shapes_dir):
 
 
 @pytest.mark.slow
-def test_short_run_lowers_the_loss_and_reports_coco_metrics(shapes_dir, tmp_path):
-  config = shapes_config(shapes_dir, num_train_steps=60, warmup_steps=10, log_every_steps=10,
-                         checkpoint_every_steps=60)
-  final = train.train_and_evaluate(config, str(tmp_path))
-  losses = [loss for _, loss in read_scalars(str(tmp_path))["train_loss"]]
+def test_two_process_run_lowers_the_loss_and_scores_every_eval_image(shapes_dir, tmp_path):
+  """A short run of two processes: the loss falls, frozen parameters stay, and the COCO
+  metrics (each process reads its own slice of the eval split) are those of the whole
+  split: equal to evaluating the same checkpoint in one process."""
+  overrides = dict(num_train_steps=60, warmup_steps=10, log_every_steps=10,
+                   checkpoint_every_steps=60)
+  port, procs = free_port(), []
+  for pid in range(2):
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={tmp_path / 'wd'}",
+           "--config=" + os.path.join(ROOT, "configs", "coco.py") + ":shapes",
+           "--config.dataset=shapes_detection/shapes_small", f"--config.data_dir={shapes_dir}",
+           *[f"--config.{k}={v}" for k, v in overrides.items()],
+           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True))
+  outputs = [p.communicate(timeout=900)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  finals = [ast.literal_eval(out.split("Final metrics: ")[1].splitlines()[0]) for out in outputs]
+  assert finals[0] == finals[1]
+  assert 0 < finals[0]["eval_box_AP50"] <= 1  # trained: the comparison below is not 0 == 0
+  workdir = str(tmp_path / "wd")
+  losses = [loss for _, loss in read_scalars(workdir)["train_loss"]]
   assert len(losses) == 6 and losses[-1] < 0.7 * losses[0], losses
-  for name in ("eval_box_AP", "eval_box_AP50", "eval_mask_AP", "eval_detections_per_image"):
-    assert name in final and np.isfinite(final[name]), name
-  assert 0 < final["eval_box_AP50"] <= 1
   # Frozen parameters (config.frozen_params: the folded norms) kept their initial values.
-  weights = checkpoints.load_weights(str(tmp_path))
+  config = shapes_config(shapes_dir, **overrides)
+  weights = checkpoints.load_weights(workdir)
   scales = [v for p, v in weights.items() if "norm" in p and p[-1] == "scale"]
   assert scales and all(np.all(v == 1) for v in scales)
   fresh = checkpoints.weights_of(train.build_model(config, nnx.Rngs(config.seed)))
   stem = ("backbone", "stem", "conv", "kernel")
   assert weights[stem].shape == fresh[stem].shape and not np.allclose(weights[stem], fresh[stem])
+  # The finished workdir evaluated again by this single process on 8 devices.
+  single = train.train_and_evaluate(config, workdir)
+  names = [k for k in finals[0] if k.startswith("eval_")]
+  assert {"eval_box_AP", "eval_mask_AP", "eval_detections_per_image"} <= set(names)
+  for name in names:
+    assert single[name] == pytest.approx(finals[0][name], abs=1e-4), name
