@@ -136,14 +136,25 @@ def test_nonlocal_variants_start_as_the_baseline(maskrcnn_pair):
   np.testing.assert_allclose(head.keypoint_head(x), plain.keypoint_head(x), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("kernel,stride,padding", [(2, 2, 0), (4, 2, 1), (3, 1, 1), (3, 2, 0)])
+@pytest.mark.parametrize("kernel,stride,padding",
+                         [(2, 2, 0), (4, 2, 1), (3, 1, 1), (3, 2, 0), (5, 3, 2)])
 def test_conv_transpose_matches_torch(kernel, stride, padding):
   theirs = randomize_(torch.nn.ConvTranspose2d(5, 7, kernel, stride=stride, padding=padding))
   ours = ConvTranspose2d(5, 7, kernel, stride=stride, padding=padding, rngs=nnx.Rngs(0))
   ours.kernel[...] = jnp.asarray(theirs.weight.detach().numpy().transpose(2, 3, 0, 1))
   ours.bias[...] = jnp.asarray(theirs.bias.detach().numpy())
   x = np.random.default_rng(6).normal(size=(2, 6, 9, 5)).astype(np.float32)
-  np.testing.assert_allclose(ours(jnp.asarray(x)), nhwc(theirs(nchw(x))), rtol=1e-5, atol=1e-5)
+  x_torch = nchw(x).requires_grad_()
+  y_torch = theirs(x_torch)
+  np.testing.assert_allclose(ours(jnp.asarray(x)), nhwc(y_torch), rtol=1e-5, atol=1e-5)
+  # Gradients of a random linear function of the output, for the input, kernel and bias.
+  probe = np.random.default_rng(7).normal(size=nhwc(y_torch).shape).astype(np.float32)
+  (y_torch * nchw(probe)).sum().backward()
+  grads = nnx.grad(lambda m, x: jnp.sum(m(x) * probe), argnums=(0, 1))(ours, jnp.asarray(x))
+  np.testing.assert_allclose(grads[1], nhwc(x_torch.grad), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(grads[0]["kernel"][...],
+                             theirs.weight.grad.numpy().transpose(2, 3, 0, 1), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(grads[0]["bias"][...], theirs.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="padding=4 must be at most"):
     ConvTranspose2d(5, 7, 3, stride=1, padding=4, rngs=nnx.Rngs(0))
 
