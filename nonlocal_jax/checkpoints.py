@@ -91,15 +91,27 @@ def load_weights(path: str) -> dict[Path, np.ndarray]:
     raise FileNotFoundError(f"init_from: {path!r} does not exist")
   checkpoints = os.path.join(path, "checkpoints")
   if os.path.isdir(checkpoints):
-    manager = ocp.CheckpointManager(checkpoints)
+    manager = ocp.CheckpointManager(checkpoints, item_handlers=ocp.StandardCheckpointHandler())
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"init_from: the workdir {path!r} has no checkpoint yet")
-    state = _flatten(manager.restore(step))  # the (model, optimizer) state of a run
+    # The (model, optimizer) state of a run.
+    state = _flatten(manager.restore(step, args=ocp.args.StandardRestore(
+        _on_this_process(manager.item_metadata(step)))))
     model_part = {k[1:]: v for k, v in state.items() if k[0] == "0"}
     return {k[:-1] if k[-1] == "value" else k: v for k, v in model_part.items()
             if "rngs" not in k}
-  return _flatten(ocp.StandardCheckpointer().restore(path))
+  checkpointer = ocp.StandardCheckpointer()
+  return _flatten(checkpointer.restore(
+      path, _on_this_process(checkpointer.metadata(path).item_metadata)))
+
+
+def _on_this_process(metadata: Any) -> Any:
+  """A restore target for a checkpoint's array metadata: every array on this process' first
+  device, whatever devices and hosts wrote it (orbax otherwise restores the saved shardings,
+  which a multi-host run's checkpoint read in a notebook cannot have)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
 
 
 def restore_weights(model: nnx.Module, source: str | dict[Path, np.ndarray], *,

@@ -1,8 +1,6 @@
 """Training a detector end to end: configs/coco.py:shapes on the small generated set."""
 
-import ast
 import os
-import subprocess
 import sys
 
 import jax
@@ -14,7 +12,7 @@ from configs import coco
 from nonlocal_jax import checkpoints, input_pipeline, train
 from nonlocal_jax.data.shapes_detection import ShapesDetection
 from nonlocal_jax.plot import read_scalars
-from tests.test_train import ROOT, free_port, to_numpy
+from tests.test_train import ROOT, run_two_processes, to_numpy
 
 
 @pytest.fixture(scope="module")
@@ -65,20 +63,11 @@ def test_two_process_run_lowers_the_loss_and_scores_every_eval_image(shapes_dir,
   split: equal to evaluating the same checkpoint in one process."""
   overrides = dict(num_train_steps=60, warmup_steps=10, log_every_steps=10,
                    checkpoint_every_steps=60)
-  port, procs = free_port(), []
-  for pid in range(2):
-    cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={tmp_path / 'wd'}",
-           "--config=" + os.path.join(ROOT, "configs", "coco.py") + ":shapes",
-           "--config.dataset=shapes_detection/shapes_small", f"--config.data_dir={shapes_dir}",
-           *[f"--config.{k}={v}" for k, v in overrides.items()],
-           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True))
-  outputs = [p.communicate(timeout=900)[0] for p in procs]
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
-  finals = [ast.literal_eval(out.split("Final metrics: ")[1].splitlines()[0]) for out in outputs]
+  finals, _ = run_two_processes(
+      [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={tmp_path / 'wd'}",
+       "--config=" + os.path.join(ROOT, "configs", "coco.py") + ":shapes",
+       "--config.dataset=shapes_detection/shapes_small", f"--config.data_dir={shapes_dir}",
+       *[f"--config.{k}={v}" for k, v in overrides.items()]], timeout=900)
   assert finals[0] == finals[1]
   assert 0 < finals[0]["eval_box_AP50"] <= 1  # trained: the comparison below is not 0 == 0
   workdir = str(tmp_path / "wd")

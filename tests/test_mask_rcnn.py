@@ -259,6 +259,7 @@ def test_mask_rcnn_inference_matches_torchvision(maskrcnn_pair):
 @pytest.mark.slow
 @jax.enable_x64(True)
 def test_keypoint_rcnn_inference_matches_torchvision():
+  torch.manual_seed(0)  # weights independent of the tests run before (some random ones find nothing)
   theirs = randomize_(torchvision.models.detection.keypointrcnn_resnet50_fpn(
       weights=None, weights_backbone=None)).double()  # float64: see the Mask R-CNN test
   with torch.no_grad():

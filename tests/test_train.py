@@ -131,20 +131,26 @@ def free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_train_and_agree(tmp_path, data_dir):
-  port = free_port()
-  procs = []
+def run_two_processes(cmd: list[str], timeout: float = 600) -> tuple[list[dict], list[str]]:
+  """Runs `cmd` (main.py and its flags) as processes 0 and 1 of a 127.0.0.1 job, one CPU device
+  each; checks both succeed and returns their final metrics and outputs."""
+  port, procs = free_port(), []
   for pid in range(2):
-    cmd, env = run_main(tmp_path / "wd", data_dir, "--config.num_train_steps=6",
-                        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                        f"--process_id={pid}")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True))
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs.append(subprocess.Popen(
+        [*cmd, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+         f"--process_id={pid}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True))
+  outputs = [p.communicate(timeout=timeout)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
   finals = [ast.literal_eval(out.split("Final metrics: ")[1].splitlines()[0]) for out in outputs]
+  return finals, outputs
+
+
+def test_two_processes_train_and_agree(tmp_path, data_dir):
+  cmd, _ = run_main(tmp_path / "wd", data_dir, "--config.num_train_steps=6")
+  finals, outputs = run_two_processes(cmd)
   assert finals[0] == finals[1]
   assert finals[0]["step"] == 6 and "JAX process 1 / 2" in outputs[1]
 
