@@ -180,7 +180,8 @@ def print_table(rows: list[dict]) -> None:
     mark = "~" if r["estimated"] else ""
     bf16, remat = (("-" if r[f"max_batch_{c}"] is None else f"{mark}{r[f'max_batch_{c}']}")
                    for c in ("bfloat16", "remat_blocks"))
-    print(f"| {r['config']} | {r['host']} ({r['recipe_batch_per_chip']} {r['unit']}) | "
+    unit = r["unit"] if r["recipe_batch_per_chip"] != 1 else r["unit"].removesuffix("s")
+    print(f"| {r['config']} | {r['host']} ({r['recipe_batch_per_chip']} {unit}) | "
           f"{r['max_batch_float32']} | {bf16} | {remat} | "
           f"{r['recipe_gib_float32']:.1f} GiB | {r['recipe_gflop']:,.0f} | "
           f"{r['roofline_ms']:.0f} ms ({r['bound']}) |")
